@@ -1,0 +1,154 @@
+"""Design matrices from formulas (formulaic) or from pre-built matrices.
+
+Columns of the sample description named in ``as_numeric`` stay numeric; every other
+column used by a formula is categorical with its levels sorted, so that treatment coding
+takes the first sorted level as the reference (``condition[T.B]``).
+"""
+
+from typing import NamedTuple
+
+import formulaic
+import numpy as np
+import pandas as pd
+import scipy.linalg
+
+
+class Design(NamedTuple):
+    """A design matrix and its column names.
+
+    Attributes
+    ----------
+    matrix : ndarray, shape (n_cells, n_coefficients)
+    names : list of str, length n_coefficients
+    """
+
+    matrix: np.ndarray
+    names: list
+
+
+def normalise_as_numeric(as_numeric):
+    """``as_numeric`` (str or sequence of str) as a tuple of column names."""
+    if as_numeric is None:
+        return ()
+    if isinstance(as_numeric, str):
+        return (as_numeric,)
+    return tuple(as_numeric)
+
+
+def design_from_formula(formula, sample_description, as_numeric=(), which="loc"):
+    """Build the design of ``formula`` over ``sample_description``.
+
+    Parameters
+    ----------
+    formula : str
+        A Wilkinson formula such as ``"~1+condition+batch"``.
+    sample_description : DataFrame, shape (n_cells, n_covariates)
+    as_numeric : tuple of str
+        Columns kept numeric; all others used by the formula become categorical.
+    which : {"loc", "scale"}
+        Only used in error messages.
+    """
+    if not isinstance(formula, str):
+        raise TypeError(f"formula_{which} must be a string such as '~1+condition', got {formula!r}.")
+    try:
+        parsed = formulaic.Formula(formula)
+        variables = sorted(parsed.required_variables)
+    except formulaic.errors.FormulaicError as error:
+        raise ValueError(f"formula_{which}={formula!r} could not be parsed: {error}") from None
+    missing = [v for v in variables if v not in sample_description.columns]
+    if missing:
+        raise ValueError(
+            f"formula_{which}={formula!r} uses {missing}, which are not columns of the sample "
+            f"description; columns are {list(sample_description.columns)}."
+        )
+    for column in as_numeric:
+        if column not in sample_description.columns:
+            raise ValueError(
+                f"as_numeric names {column!r}, which is not a column of the sample description; "
+                f"columns are {list(sample_description.columns)}."
+            )
+        if not pd.api.types.is_numeric_dtype(sample_description[column]):
+            raise ValueError(
+                f"as_numeric names {column!r}, whose values are not numeric "
+                f"(dtype {sample_description[column].dtype})."
+            )
+    frame = pd.DataFrame(index=sample_description.index)
+    for v in variables:
+        column = sample_description[v]
+        if v in as_numeric:
+            frame[v] = column.astype(np.float64)
+        else:
+            frame[v] = _sorted_categorical(column, v)
+    try:
+        matrix = formulaic.model_matrix(formula, frame, na_action="raise")
+    except formulaic.errors.FormulaicError as error:
+        raise ValueError(f"formula_{which}={formula!r} could not be evaluated: {error}") from None
+    return check_design(Design(np.asarray(matrix, dtype=np.float64), list(matrix.columns)), which)
+
+
+def _sorted_categorical(column, name):
+    """``column`` as a categorical whose categories are its sorted distinct values."""
+    if column.isna().any():
+        raise ValueError(f"column {name!r} of the sample description has missing values.")
+    values = column.astype(object) if isinstance(column.dtype, pd.CategoricalDtype) else column
+    levels = pd.unique(values)
+    try:
+        levels = sorted(levels)
+    except TypeError:
+        levels = sorted(levels, key=str)
+    return pd.Categorical(values, categories=levels)
+
+
+def design_from_matrix(dmat, n_cells, which="loc"):
+    """A :class:`Design` from a DataFrame / formulaic ModelMatrix, ``(array, names)`` or array."""
+    if isinstance(dmat, pd.DataFrame):
+        matrix, names = dmat.to_numpy(), [str(c) for c in dmat.columns]
+    elif isinstance(dmat, tuple) and len(dmat) == 2:
+        matrix, names = np.asarray(dmat[0]), [str(c) for c in dmat[1]]
+    else:
+        matrix = np.asarray(dmat)
+        names = [f"x{k}" for k in range(matrix.shape[1])] if matrix.ndim == 2 else []
+    try:
+        matrix = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"dmat_{which} must be numeric.") from None
+    if matrix.ndim != 2:
+        raise ValueError(f"dmat_{which} must be 2-dimensional (cells x coefficients), got shape {matrix.shape}.")
+    if matrix.shape[0] != n_cells:
+        raise ValueError(f"dmat_{which} has {matrix.shape[0]} rows but data has {n_cells} cells.")
+    if len(names) != matrix.shape[1]:
+        raise ValueError(f"dmat_{which} has {matrix.shape[1]} columns but {len(names)} names.")
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError(f"dmat_{which} has non-finite entries.")
+    return check_design(Design(matrix, names), which)
+
+
+def check_design(design, which="loc"):
+    """Raise if the design has more columns than rows or is rank deficient (naming columns)."""
+    n_cells, n_coefficients = design.matrix.shape
+    if n_coefficients == 0:
+        raise ValueError(f"the {which} design has no columns.")
+    if n_coefficients > n_cells:
+        raise ValueError(
+            f"the {which} design has {n_coefficients} coefficients but only {n_cells} cells."
+        )
+    dependent = dependent_columns(design.matrix)
+    if dependent:
+        names = [design.names[k] for k in dependent]
+        raise ValueError(
+            f"the {which} design is rank deficient: columns {names} are linear combinations of "
+            f"the others (design columns: {design.names}). Drop or merge them, or identify the "
+            f"model with constraints_{which}."
+        )
+    return design
+
+
+def dependent_columns(matrix):
+    """Indices of columns that are linear combinations of earlier ones (pivoted QR)."""
+    if matrix.shape[1] == 0:
+        return []
+    _, r, pivots = scipy.linalg.qr(matrix, mode="economic", pivoting=True)
+    diagonal = np.abs(np.diag(r))
+    tolerance = max(matrix.shape) * np.finfo(np.float64).eps * diagonal[0]
+    rank = int(np.sum(diagonal > tolerance))
+    return sorted(int(k) for k in pivots[rank:])

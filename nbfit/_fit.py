@@ -1,0 +1,128 @@
+"""``nbfit.fit``: the diffxpy ``fit.model`` API on top of the estimator."""
+
+from nbfit._design import design_from_formula, design_from_matrix, normalise_as_numeric
+from nbfit._estimator import DTYPES, Estimator
+from nbfit._init import resolve_init
+from nbfit._input import read_counts, read_size_factors
+from nbfit._strategy import check_train_arguments, make_solver, resolve_strategy
+
+NOISE_MODELS = ("nb",)
+
+
+def fit(
+    data,
+    formula_loc=None,
+    formula_scale="~1",
+    as_numeric=(),
+    init_a="AUTO",
+    init_b="AUTO",
+    gene_names=None,
+    sample_description=None,
+    dmat_loc=None,
+    dmat_scale=None,
+    constraints_loc=None,
+    constraints_scale=None,
+    noise_model="nb",
+    size_factors=None,
+    batch_size=None,
+    training_strategy="AUTO",
+    quick_scale=False,
+    dtype="float64",
+    **kwargs,
+):
+    """Fit a negative-binomial GLM to every gene by maximum likelihood.
+
+    For gene j and cell i: ``y_ij ~ NB(mu_ij, r_ij)`` with
+    ``log mu_ij = log sf_i + X_loc[i] @ a_j`` and ``log r_ij = X_scale[i] @ b_j``
+    (``Var = mu + mu^2 / r``).
+
+    Parameters
+    ----------
+    data : AnnData, anndata Raw, ndarray or scipy.sparse matrix, shape (n_cells, n_genes)
+        Raw counts. An AnnData brings its ``obs`` (sample description) and ``var_names``.
+    formula_loc : str
+        Location model, e.g. ``"~1+condition+batch"``; not needed with ``dmat_loc``.
+    formula_scale : str
+        Scale (dispersion) model; default ``"~1"`` (one dispersion per gene).
+    as_numeric : str or sequence of str
+        Sample-description columns kept numeric; all other columns used by a formula are
+        categorical (treatment coding, the first sorted level is the reference).
+    init_a, init_b : {"AUTO", "standard", "closed_form"} or ndarray
+        Starting values (any case). Arrays have shape (n_coefficients, n_genes).
+    gene_names : sequence of str, optional
+    sample_description : DataFrame, optional
+        One row per cell; overrides ``data.obs``.
+    dmat_loc, dmat_scale : DataFrame, formulaic ModelMatrix, ``(array, names)`` or array
+        Pre-built designs; override the formulas.
+    constraints_loc, constraints_scale : None
+        Equality constraints are not supported yet: anything but None raises
+        NotImplementedError.
+    noise_model : {"nb"}
+    size_factors : ndarray, Series or str, optional
+        Multiplicative per-cell factors (an offset ``log sf`` on the location), or the name
+        of a sample-description column holding them.
+    batch_size : int, optional
+        Genes per compiled chunk. Bounds memory; never changes results.
+    training_strategy : str, callable or list of dict
+        "AUTO"/"DEFAULT"/"NEWTON"/"NR" (joint Newton), "EXACT" (Newton, tighter
+        tolerance), "IRLS", "QUICK" (IRLS, loose tolerance), "LBFGS"; or
+        ``callable(estimator)``; or a list of keyword dicts for :meth:`Estimator.train`.
+    quick_scale : bool
+        Fit the scale once given the location instead of jointly (faster, approximate).
+    dtype : {"float64", "float32"}
+    **kwargs
+        ``allow_noninteger=True`` accepts non-integer counts.
+
+    Returns
+    -------
+    Estimator
+        The trained estimator; ``estimator.model`` holds the fitted model.
+    """
+    allow_noninteger = bool(kwargs.pop("allow_noninteger", False))
+    if kwargs:
+        raise TypeError(f"fit() got unknown arguments {sorted(kwargs)}.")
+    if noise_model != "nb":
+        raise ValueError(f"noise_model={noise_model!r} is not supported; supported: {list(NOISE_MODELS)}.")
+    if constraints_loc is not None or constraints_scale is not None:
+        raise NotImplementedError("equality constraints (constraints_loc / constraints_scale) are not supported yet.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)}.")
+    strategy = resolve_strategy(training_strategy, quick_scale)
+    _check_stages(training_strategy)
+
+    counts = read_counts(data, gene_names, sample_description, allow_noninteger)
+    obs = counts.sample_description
+    as_numeric = normalise_as_numeric(as_numeric)
+    if dmat_loc is not None:
+        design_loc = design_from_matrix(dmat_loc, counts.n_cells, "loc")
+    elif formula_loc is not None:
+        design_loc = design_from_formula(formula_loc, obs, as_numeric, "loc")
+    else:
+        raise ValueError("give a location model: formula_loc (e.g. '~1+condition') or dmat_loc.")
+    if dmat_scale is not None:
+        design_scale = design_from_matrix(dmat_scale, counts.n_cells, "scale")
+    else:
+        design_scale = design_from_formula(formula_scale, obs, as_numeric, "scale")
+    n_genes = counts.n_genes
+    init_a = resolve_init(init_a, "init_a", (design_loc.matrix.shape[1], n_genes))
+    init_b = resolve_init(init_b, "init_b", (design_scale.matrix.shape[1], n_genes))
+    estimator = Estimator(
+        counts,
+        design_loc,
+        design_scale,
+        size_factors=read_size_factors(size_factors, obs),
+        init_a=init_a,
+        init_b=init_b,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    strategy(estimator)
+    return estimator
+
+
+def _check_stages(training_strategy):
+    """Validate list-of-dict strategies before anything is compiled."""
+    if isinstance(training_strategy, (list, tuple)):
+        for stage in training_strategy:
+            check_train_arguments(Estimator.train, stage)
+            make_solver(stage.get("method", "newton"))

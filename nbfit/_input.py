@@ -1,0 +1,187 @@
+"""The input layer: counts as gene chunks, sample description, gene names, size factors.
+
+Everything here is plain numpy / scipy / pandas and is checked before anything is traced.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse
+
+
+@dataclass(frozen=True)
+class CountData:
+    """Counts with their cell and gene annotations.
+
+    Attributes
+    ----------
+    counts : ndarray or scipy.sparse.csc_matrix, shape (n_cells, n_genes)
+        Non-negative counts; sparse input is kept sparse (column-major for gene access).
+    sample_description : DataFrame, shape (n_cells, n_covariates)
+    gene_names : Index, shape (n_genes,)
+    """
+
+    counts: np.ndarray | scipy.sparse.csc_matrix
+    sample_description: pd.DataFrame
+    gene_names: pd.Index
+
+    @property
+    def n_cells(self):
+        return self.counts.shape[0]
+
+    @property
+    def n_genes(self):
+        return self.counts.shape[1]
+
+    def gene_chunk(self, start, stop):
+        """Dense counts of genes ``start:stop``, shape (stop - start, n_cells), float64."""
+        block = self.counts[:, start:stop]
+        if scipy.sparse.issparse(block):
+            block = block.toarray()
+        return np.ascontiguousarray(np.asarray(block, dtype=np.float64).T)
+
+
+def read_counts(data, gene_names=None, sample_description=None, allow_noninteger=False):
+    """Turn any supported ``data`` into a validated :class:`CountData`.
+
+    Parameters
+    ----------
+    data : AnnData, anndata Raw, ndarray or scipy.sparse matrix, shape (n_cells, n_genes)
+    gene_names : sequence of str, optional
+        Overrides the names carried by ``data``.
+    sample_description : DataFrame, optional
+        Overrides ``obs`` of an AnnData.
+    allow_noninteger : bool
+        Accept non-integer values (e.g. estimated counts); by default they are an error.
+    """
+    counts, names, obs = _unpack(data)
+    if gene_names is not None:
+        names = gene_names
+    if sample_description is not None:
+        obs = sample_description
+    n_cells, n_genes = counts.shape
+    if n_cells == 0 or n_genes == 0:
+        raise ValueError(f"data is empty: {n_cells} cells x {n_genes} genes.")
+    if names is None:
+        names = [f"gene_{j}" for j in range(n_genes)]
+    names = pd.Index([str(name) for name in names])
+    if len(names) != n_genes:
+        raise ValueError(f"gene_names has {len(names)} entries but data has {n_genes} genes (columns).")
+    if names.has_duplicates:
+        duplicated = names[names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"gene names must be unique; duplicated: {duplicated}.")
+    if obs is None:
+        obs = pd.DataFrame(index=pd.RangeIndex(n_cells).astype(str))
+    if not isinstance(obs, pd.DataFrame):
+        raise TypeError(f"sample_description must be a pandas DataFrame, got {type(obs).__name__}.")
+    if len(obs) != n_cells:
+        raise ValueError(
+            f"sample_description has {len(obs)} rows but data has {n_cells} cells (rows)."
+        )
+    _check_values(counts, obs.index, names, allow_noninteger)
+    return CountData(counts, obs, names)
+
+
+def _unpack(data):
+    """(counts, gene names, sample description) of any supported input."""
+    try:
+        import anndata
+    except ImportError:  # pragma: no cover - anndata is a dependency
+        anndata = None
+    if anndata is not None and isinstance(data, anndata.AnnData):
+        return _as_matrix(data.X), data.var_names, data.obs
+    if anndata is not None and isinstance(data, anndata.Raw):
+        return _as_matrix(data.X), data.var_names, None
+    if scipy.sparse.issparse(data) or isinstance(data, np.ndarray):
+        return _as_matrix(data), None, None
+    if isinstance(data, pd.DataFrame):
+        return _as_matrix(data.to_numpy()), data.columns, None
+    raise TypeError(
+        f"data of type {type(data).__name__} is not supported: pass an AnnData, anndata Raw, "
+        "numpy array or scipy.sparse matrix of shape (cells, genes)."
+    )
+
+
+def _as_matrix(x):
+    """Dense ndarray or CSC matrix of shape (cells, genes)."""
+    if x is None:
+        raise ValueError("data has no count matrix (X is None).")
+    if scipy.sparse.issparse(x):
+        return scipy.sparse.csc_matrix(x)
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"data must be 2-dimensional (cells x genes), got shape {x.shape}.")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise TypeError(f"data must be numeric, got dtype {x.dtype}.")
+    return x
+
+
+def _check_values(counts, cell_names, gene_names, allow_noninteger):
+    """Raise on NaN, infinite, negative or (unless allowed) non-integer counts."""
+    if scipy.sparse.issparse(counts):
+        values = counts.data
+
+        def where(mask):
+            coo = counts.tocoo()
+            k = np.flatnonzero(mask(coo.data))[0]
+            return coo.row[k], coo.col[k], np.count_nonzero(mask(coo.data))
+    else:
+        values = counts
+
+        def where(mask):
+            bad = mask(counts)
+            i, j = np.argwhere(bad)[0]
+            return i, j, int(np.count_nonzero(bad))
+
+    checks = [
+        (lambda v: np.isnan(v), "NaN"),
+        (lambda v: np.isinf(v), "infinite"),
+        (lambda v: v < 0, "negative"),
+    ]
+    if not allow_noninteger:
+        checks.append((lambda v: np.isfinite(v) & (v != np.round(v)), "non-integer"))
+    for mask, what in checks:
+        if np.any(mask(values)):
+            i, j, n_bad = where(mask)
+            hint = ""
+            if what == "non-integer":
+                hint = (
+                    " nbfit fits raw counts: pass unnormalised counts (e.g. adata.layers['counts'] "
+                    "or adata.raw), or allow_noninteger=True for estimated counts."
+                )
+            raise ValueError(
+                f"data has {n_bad} {what} value(s), first at cell {cell_names[i]!r}, "
+                f"gene {gene_names[j]!r}.{hint}"
+            )
+
+
+def read_size_factors(size_factors, sample_description):
+    """Size factors as an ndarray of shape (n_cells,), or None.
+
+    Parameters
+    ----------
+    size_factors : None, array-like, Series or str
+        A string names a column of ``sample_description``.
+    """
+    if size_factors is None:
+        return None
+    n_cells = len(sample_description)
+    if isinstance(size_factors, str):
+        if size_factors not in sample_description.columns:
+            raise ValueError(
+                f"size_factors={size_factors!r} is not a column of the sample description; "
+                f"columns are {list(sample_description.columns)}."
+            )
+        size_factors = sample_description[size_factors]
+    values = np.asarray(size_factors, dtype=np.float64).reshape(-1)
+    if values.shape[0] != n_cells:
+        raise ValueError(f"size_factors has {values.shape[0]} values but data has {n_cells} cells.")
+    bad = ~np.isfinite(values) | (values <= 0)
+    if np.any(bad):
+        first = sample_description.index[np.flatnonzero(bad)[0]]
+        raise ValueError(
+            f"size_factors has {int(bad.sum())} non-positive or non-finite value(s), "
+            f"first at cell {first!r}; size factors must be positive."
+        )
+    return values

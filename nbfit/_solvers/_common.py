@@ -1,0 +1,133 @@
+"""Pieces shared by the solvers: modified Newton directions and the line search.
+
+Everything here works on ONE gene; the chunk loop in :mod:`nbfit._loop` vmaps it.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+#: Sufficient-increase constant of the Armijo line search.
+ARMIJO = 1e-4
+#: Step halvings before a line search gives up.
+MAX_HALVINGS = 40
+#: A full step that gains more than this fraction of the slope (a quadratic model predicts
+#: one half) is extrapolated: the log-likelihood keeps rising along exponential tails
+#: (separation, the Poisson limit) much further than Newton's quadratic model believes.
+EXPAND_RATIO = 0.55
+#: Each extrapolation multiplies the step by this, at most ``MAX_EXPANSIONS`` times.
+EXPAND_FACTOR = 4.0
+MAX_EXPANSIONS = 4
+#: A step that gains less than this fraction of max(1, |ll|) ends the fit: what is left
+#: is below what the 1e-6 (and far tighter) targets can see, e.g. near the r cap or while
+#: the means of separated cells go to 0.
+GAIN_TOL = 1e-13
+#: A gene whose line search finds no ascent is converged if its Newton decrement is
+#: below this fraction of max(1, |ll|): the optimum is then reached to rounding error.
+STALL_TOL = 1e-8
+
+
+def free_mask(n_params, p_loc, update_loc, update_scale):
+    """Boolean mask, shape (n_params,), of the parameters a stage may change."""
+    index = jnp.arange(n_params)
+    return jnp.where(index < p_loc, update_loc, update_scale)
+
+
+def ascent_direction(grad, hess, free):
+    """Newton direction of a maximisation with |eigenvalue| modification.
+
+    Parameters
+    ----------
+    grad : Array, shape (P,)
+    hess : Array, shape (P, P)
+        Hessian (or minus an information matrix) of the log-likelihood.
+    free : Array, shape (P,), bool
+        Parameters that may move; the direction is 0 for the others.
+
+    Returns
+    -------
+    Array, shape (P,)
+        ``V diag(1/max(|lambda|, floor)) V^T grad`` with ``-hess = V diag(lambda) V^T``:
+        the Newton step where the Hessian is negative definite, an ascent direction
+        everywhere.
+    """
+    n = grad.shape[0]
+    both = free[:, None] & free[None, :]
+    neg_hess = jnp.where(both, -hess, jnp.eye(n, dtype=hess.dtype))
+    grad = jnp.where(free, grad, 0.0)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(neg_hess)
+    magnitude = jnp.abs(eigenvalues)
+    floor = 100.0 * jnp.finfo(hess.dtype).eps * jnp.max(magnitude) + jnp.finfo(hess.dtype).tiny
+    return eigenvectors @ ((eigenvectors.T @ grad) / jnp.maximum(magnitude, floor))
+
+
+class LineSearchResult(NamedTuple):
+    theta: jax.Array
+    value: jax.Array
+    accepted: jax.Array
+
+
+def line_search(objective, theta, value, direction, slope, problem, expand=True):
+    """Backtracking Armijo line search along an ascent direction, with extrapolation.
+
+    Tries step 1, halves it until the log-likelihood rises by ``ARMIJO * t * slope``;
+    if the full step gains more than a quadratic model predicts, tries longer steps while
+    they keep improving. The log-likelihood never decreases: without an acceptable step
+    the gene stays where it is (``accepted`` False).
+    """
+
+    def trial(t):
+        return objective(theta + t * direction, problem)
+
+    def acceptable(t, v):
+        return jnp.isfinite(v) & (v >= value + ARMIJO * t * slope)
+
+    def backtrack_cond(carry):
+        t, v, k = carry
+        return (~acceptable(t, v)) & (k < MAX_HALVINGS)
+
+    def backtrack_body(carry):
+        t, _, k = carry
+        t = 0.5 * t
+        return t, trial(t), k + 1
+
+    one = jnp.ones((), theta.dtype)
+    t, v, _ = jax.lax.while_loop(backtrack_cond, backtrack_body, (one, trial(one), 0))
+    accepted = acceptable(t, v)
+
+    if expand:
+        def expand_cond(carry):
+            _, _, _, k, going = carry
+            return going & (k < MAX_EXPANSIONS)
+
+        def expand_body(carry):
+            t, v, _, k, _ = carry
+            t_new = EXPAND_FACTOR * t
+            v_new = trial(t_new)
+            better = jnp.isfinite(v_new) & (v_new > v)
+            return (jnp.where(better, t_new, t), jnp.where(better, v_new, v), t_new, k + 1, better)
+
+        start = accepted & (t == 1.0) & (v - value > EXPAND_RATIO * slope)
+        t, v, _, _, _ = jax.lax.while_loop(expand_cond, expand_body, (t, v, t, 0, start))
+
+    new_theta = jnp.where(accepted, theta + t * direction, theta)
+    return LineSearchResult(new_theta, jnp.where(accepted, v, value), accepted)
+
+
+def finished(decrement, search, value, tol):
+    """(done, converged) of one gene after a line-searched step.
+
+    Converged when the decrement before the step was below ``tol`` or the accepted step
+    gained less than ``GAIN_TOL`` (both relative to max(1, |ll|)); done also when the
+    line search found no ascent (converged then only if the decrement was tiny).
+    """
+    scale = relative_to(value)
+    small = (decrement <= tol * scale) | (search.accepted & (search.value - value <= GAIN_TOL * scale))
+    stalled = ~search.accepted
+    return small | stalled, small | (stalled & (decrement <= STALL_TOL * scale))
+
+
+def relative_to(value):
+    """``max(1, |value|)``: the scale against which tolerances are relative."""
+    return jnp.maximum(1.0, jnp.abs(value))

@@ -1,0 +1,63 @@
+"""Per-gene fit statuses and how they are assigned."""
+
+import enum
+
+import numpy as np
+
+from nbfit._likelihood import LOG_R_CAP
+
+#: A cell with a zero count whose fitted mean is below this is taken as separated.
+SEPARATION_MEAN = 1e-10
+#: -H is singular when its smallest eigenvalue is below this times its largest.
+SINGULAR_RCOND = 1e-12
+
+
+class Status(enum.Enum):
+    """What happened to a gene; the value is the explanation shown to users."""
+
+    converged = "reached the optimum: the Newton decrement fell below the tolerance"
+    max_steps = "stopped at max_steps before the convergence test passed"
+    stalled = (
+        "no ascent step could be found before the convergence test passed (the remaining "
+        "gain is below floating-point resolution or the problem is degenerate)"
+    )
+    nonfinite = "the log-likelihood or its derivatives are not finite at the fitted point"
+    singular = (
+        "converged, but the information matrix is singular: some coefficients are not "
+        "identified by this gene's counts"
+    )
+    all_zero = (
+        "every count is zero: the likelihood is maximal (ll = 0) as the mean goes to 0; the "
+        "location is set to a mean of about 1e-20"
+    )
+    separated = (
+        "some cells with zero counts can have their mean go to 0 (e.g. a group with only "
+        "zeros): no finite MLE; the affected coefficients are large and finite and ll is "
+        "within tolerance of its supremum"
+    )
+    poisson_limit = (
+        "no overdispersion: r reached the cap 1e8 (log r = 18.42) for some cells, where the "
+        "NB equals the Poisson to within 1e-8 per count; r is reported at the cap"
+    )
+
+
+STATUS_NAMES = tuple(s.name for s in Status)
+
+
+def assign_status(all_zero, converged, stalled, evaluation_finite, min_eta_mean_zero,
+                  max_eta_scale, min_eigenvalue, max_eigenvalue):
+    """One status name per gene; every argument has shape (n_genes,).
+
+    The first that applies wins: all_zero, nonfinite, separated, poisson_limit,
+    stalled / max_steps (not converged), singular, converged.
+    """
+    status = np.full(all_zero.shape, Status.converged.name, dtype=object)
+    singular = ~(min_eigenvalue > SINGULAR_RCOND * max_eigenvalue)
+    status[singular] = Status.singular.name
+    status[~converged & ~stalled] = Status.max_steps.name
+    status[~converged & stalled] = Status.stalled.name
+    status[max_eta_scale >= LOG_R_CAP] = Status.poisson_limit.name
+    status[min_eta_mean_zero < np.log(SEPARATION_MEAN)] = Status.separated.name
+    status[~evaluation_finite] = Status.nonfinite.name
+    status[all_zero] = Status.all_zero.name
+    return status

@@ -23,6 +23,10 @@ MAX_EXPANSIONS = 4
 #: is below what the 1e-6 (and far tighter) targets can see, e.g. near the r cap or while
 #: the means of separated cells go to 0.
 GAIN_TOL = 1e-13
+#: Log-likelihood differences below this fraction of max(1, |ll|) are rounding noise: a
+#: step whose predicted gain is that small is accepted unless it loses more than the noise,
+#: and is never extrapolated (else rounding would pick the step).
+NOISE = 1e3 * 2.220446049250313e-16
 #: A gene whose line search finds no ascent is converged if its Newton decrement is
 #: below this fraction of max(1, |ll|): the optimum is then reached to rounding error.
 STALL_TOL = 1e-8
@@ -77,11 +81,15 @@ def line_search(objective, theta, value, direction, slope, problem, expand=True)
     the gene stays where it is (``accepted`` False).
     """
 
+    noise = NOISE * relative_to(value)
+
     def trial(t):
         return objective(theta + t * direction, problem)
 
     def acceptable(t, v):
-        return jnp.isfinite(v) & (v >= value + ARMIJO * t * slope)
+        sufficient = v >= value + ARMIJO * t * slope
+        within_noise = (slope <= noise) & (v >= value - noise)
+        return jnp.isfinite(v) & (sufficient | within_noise)
 
     def backtrack_cond(carry):
         t, v, k = carry
@@ -105,10 +113,10 @@ def line_search(objective, theta, value, direction, slope, problem, expand=True)
             t, v, _, k, _ = carry
             t_new = EXPAND_FACTOR * t
             v_new = trial(t_new)
-            better = jnp.isfinite(v_new) & (v_new > v)
+            better = jnp.isfinite(v_new) & (v_new > v + noise)
             return (jnp.where(better, t_new, t), jnp.where(better, v_new, v), t_new, k + 1, better)
 
-        start = accepted & (t == 1.0) & (v - value > EXPAND_RATIO * slope)
+        start = accepted & (t == 1.0) & (slope > noise) & (v - value > EXPAND_RATIO * slope + noise)
         t, v, _, _, _ = jax.lax.while_loop(expand_cond, expand_body, (t, v, t, 0, start))
 
     new_theta = jnp.where(accepted, theta + t * direction, theta)

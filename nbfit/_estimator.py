@@ -228,24 +228,29 @@ class Estimator:
         hessian = np.zeros((n_genes, n_params, n_params))
         min_eta_zero = np.zeros(n_genes)
         max_eta_scale = np.zeros(n_genes)
+        overdispersion_score = np.zeros(n_genes)
         dtype = DTYPES[self.dtype]
+        groups = DesignGroups(self._reduced_scale)
+        indicator = groups.indicator if groups.usable else np.zeros((self.data.n_cells, 0))
         with self._precision():
+            scale_groups = jnp.asarray(indicator, dtype)
             for start, stop, problem in self._problems():
                 theta = jnp.asarray(_pad_rows(self._theta[start:stop], self.batch_size), dtype)
-                result = _loop.evaluate(theta, problem)
+                result = _loop.evaluate(theta, problem, scale_groups)
                 n = stop - start
                 ll[start:stop] = np.asarray(result.log_likelihood[:n])
                 gradient[start:stop] = np.asarray(result.gradient[:n])
                 hessian[start:stop] = np.asarray(result.hessian[:n])
                 min_eta_zero[start:stop] = np.asarray(result.min_eta_mean_zero[:n])
                 max_eta_scale[start:stop] = np.asarray(result.max_eta_scale[:n])
+                overdispersion_score[start:stop] = np.asarray(result.min_overdispersion_score[:n])
         ll[self._all_zero] = 0.0
         finite = np.isfinite(ll) & np.all(np.isfinite(gradient), axis=1)
         finite &= np.all(np.isfinite(hessian), axis=(1, 2))
         eigenvalues = np.linalg.eigvalsh(np.where(np.isfinite(hessian), -hessian, 0.0))
         status = assign_status(
             self._all_zero, self._converged, self._stalled, finite, min_eta_zero,
-            max_eta_scale, eigenvalues[:, 0], eigenvalues[:, -1],
+            max_eta_scale, overdispersion_score, eigenvalues[:, 0], eigenvalues[:, -1],
         )
         self._evaluation = {"ll": ll, "gradient": gradient, "hessian": hessian, "status": status}
         return self._evaluation

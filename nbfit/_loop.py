@@ -98,6 +98,10 @@ class Evaluation(NamedTuple):
         Smallest ``log mu`` over the cells with a zero count (+inf if none).
     max_eta_scale : Array, shape (n_genes_chunk,)
         Largest ``log r`` over the cells.
+    min_overdispersion_score : Array, shape (n_genes_chunk,)
+        Smallest over the scale groups of ``sum((y - mu)^2 - y)``, twice the derivative of
+        the log-likelihood in 1/r at the Poisson limit: <= 0 means the likelihood of that
+        group rises all the way to r = infinity (+inf without groups).
     """
 
     log_likelihood: jax.Array
@@ -105,11 +109,16 @@ class Evaluation(NamedTuple):
     hessian: jax.Array
     min_eta_mean_zero: jax.Array
     max_eta_scale: jax.Array
+    min_overdispersion_score: jax.Array
 
 
 @jax.jit
-def evaluate(theta, problem):
-    """:class:`Evaluation` of every gene of a chunk."""
+def evaluate(theta, problem, scale_groups):
+    """:class:`Evaluation` of every gene of a chunk.
+
+    ``scale_groups`` (n_cells, n_groups) is the one-hot membership of the cells in the
+    distinct rows of the scale design (n_groups may be 0).
+    """
 
     def one(theta, problem):
         value, grad, hess = _problem.derivatives(theta, problem)
@@ -117,6 +126,8 @@ def evaluate(theta, problem):
         constant = jnp.sum(log_likelihood_constant(problem.counts))
         zero = problem.counts == 0
         min_eta = jnp.min(jnp.where(zero, eta_mean, jnp.inf))
-        return Evaluation(value + constant, grad, hess, min_eta, jnp.max(eta_scale))
+        residual = problem.counts - jnp.exp(eta_mean)
+        score = ((residual**2 - problem.counts) @ scale_groups).min(initial=jnp.inf)
+        return Evaluation(value + constant, grad, hess, min_eta, jnp.max(eta_scale), score)
 
     return jax.vmap(one, in_axes=(0, PROBLEM_AXES))(theta, problem)

@@ -36,8 +36,9 @@ class Status(enum.Enum):
         "within tolerance of its supremum"
     )
     poisson_limit = (
-        "no overdispersion: r reached the cap 1e8 (log r = 18.42) for some cells, where the "
-        "NB equals the Poisson to within 1e-8 per count; r is reported at the cap"
+        "no overdispersion: for some cells the likelihood rises all the way to r = infinity "
+        "(the Poisson limit); r stops at or near the cap 1e8 (log r = 18.42), where the NB "
+        "equals the Poisson to within 1e-8 per count"
     )
 
 
@@ -45,8 +46,12 @@ STATUS_NAMES = tuple(s.name for s in Status)
 
 
 def assign_status(all_zero, converged, stalled, evaluation_finite, min_eta_mean_zero,
-                  max_eta_scale, min_eigenvalue, max_eigenvalue):
+                  max_eta_scale, overdispersion_score, min_eigenvalue, max_eigenvalue):
     """One status name per gene; every argument has shape (n_genes,).
+
+    A gene is at the Poisson limit when its fitted r reached the cap, or when in some
+    group of cells with equal scale design the log-likelihood still rises towards
+    r = infinity (``overdispersion_score <= 0``, see :class:`nbfit._loop.Evaluation`).
 
     The first that applies wins: all_zero, nonfinite, separated, poisson_limit,
     stalled / max_steps (not converged), singular, converged.
@@ -56,7 +61,7 @@ def assign_status(all_zero, converged, stalled, evaluation_finite, min_eta_mean_
     status[singular] = Status.singular.name
     status[~converged & ~stalled] = Status.max_steps.name
     status[~converged & stalled] = Status.stalled.name
-    status[max_eta_scale >= LOG_R_CAP] = Status.poisson_limit.name
+    status[(max_eta_scale >= LOG_R_CAP) | (overdispersion_score <= 0)] = Status.poisson_limit.name
     status[min_eta_mean_zero < np.log(SEPARATION_MEAN)] = Status.separated.name
     status[~evaluation_finite] = Status.nonfinite.name
     status[all_zero] = Status.all_zero.name

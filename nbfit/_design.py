@@ -35,7 +35,7 @@ def normalise_as_numeric(as_numeric):
     return tuple(as_numeric)
 
 
-def design_from_formula(formula, sample_description, as_numeric=(), which="loc"):
+def design_from_formula(formula, sample_description, as_numeric=(), which="loc", check=True):
     """Build the design of ``formula`` over ``sample_description``.
 
     Parameters
@@ -47,6 +47,8 @@ def design_from_formula(formula, sample_description, as_numeric=(), which="loc")
         Columns kept numeric; all others used by the formula become categorical.
     which : {"loc", "scale"}
         Only used in error messages.
+    check : bool
+        Raise if the design is rank deficient (off for designs identified by constraints).
     """
     if not isinstance(formula, str):
         raise TypeError(f"formula_{which} must be a string such as '~1+condition', got {formula!r}.")
@@ -83,7 +85,8 @@ def design_from_formula(formula, sample_description, as_numeric=(), which="loc")
         matrix = formulaic.model_matrix(formula, frame, na_action="raise")
     except formulaic.errors.FormulaicError as error:
         raise ValueError(f"formula_{which}={formula!r} could not be evaluated: {error}") from None
-    return check_design(Design(np.asarray(matrix, dtype=np.float64), list(matrix.columns)), which)
+    design = Design(np.asarray(matrix, dtype=np.float64), list(matrix.columns))
+    return check_design(design, which) if check else design
 
 
 def _sorted_categorical(column, name):
@@ -99,7 +102,7 @@ def _sorted_categorical(column, name):
     return pd.Categorical(values, categories=levels)
 
 
-def design_from_matrix(dmat, n_cells, which="loc"):
+def design_from_matrix(dmat, n_cells, which="loc", check=True):
     """A :class:`Design` from a DataFrame / formulaic ModelMatrix, ``(array, names)`` or array."""
     if isinstance(dmat, pd.DataFrame):
         matrix, names = dmat.to_numpy(), [str(c) for c in dmat.columns]
@@ -120,7 +123,8 @@ def design_from_matrix(dmat, n_cells, which="loc"):
         raise ValueError(f"dmat_{which} has {matrix.shape[1]} columns but {len(names)} names.")
     if not np.all(np.isfinite(matrix)):
         raise ValueError(f"dmat_{which} has non-finite entries.")
-    return check_design(Design(matrix, names), which)
+    design = Design(matrix, names)
+    return check_design(design, which) if check else design
 
 
 def check_design(design, which="loc"):
@@ -144,7 +148,7 @@ def check_design(design, which="loc"):
 
 
 def dependent_columns(matrix):
-    """Indices of columns that are linear combinations of earlier ones (pivoted QR)."""
+    """Indices of the columns outside a maximal independent set (pivoted QR)."""
     if matrix.shape[1] == 0:
         return []
     _, r, pivots = scipy.linalg.qr(matrix, mode="economic", pivoting=True)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import scipy.linalg
 
 from nbfit import _loop
 from nbfit._init import DesignGroups, init_location, init_scale
@@ -82,6 +83,18 @@ class Model:
     scale = phi
 
     @property
+    def a_se(self):
+        """Standard errors of the full location coefficients, shape (n_loc_full, n_genes)."""
+        full = self._estimator.fisher_inv_full
+        return self._estimator._standard_errors(full)[: self.design_loc.shape[1]]
+
+    @property
+    def b_se(self):
+        """Standard errors of the full scale coefficients, shape (n_scale_full, n_genes)."""
+        full = self._estimator.fisher_inv_full
+        return self._estimator._standard_errors(full)[self.design_loc.shape[1]:]
+
+    @property
     def log_likelihood(self):
         """Per-gene log-likelihood, shape (n_genes,)."""
         return self._estimator.log_likelihood
@@ -92,6 +105,12 @@ class Estimator:
 
     Built by :func:`nbfit.fit`; train it with :meth:`train` (``fit`` does so with the
     training strategy).
+
+    Parameters
+    ----------
+    data : nbfit._input.CountData
+    loc, scale : nbfit.constraints.Constrained
+        Full designs, constraint matrices and free-parameter names of both models.
 
     Attributes
     ----------
@@ -105,25 +124,26 @@ class Estimator:
         Solver steps taken, summed over stages.
     """
 
-    def __init__(self, data, design_loc, design_scale, size_factors=None, constraints_loc=None,
-                 constraints_scale=None, init_a="closed_form", init_b="closed_form",
-                 batch_size=None, dtype="float64"):
+    def __init__(self, data, loc, scale, size_factors=None, init_a="closed_form",
+                 init_b="closed_form", batch_size=None, dtype="float64"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)}.")
         self.data = data
         self.gene_names = data.gene_names
         self.sample_description = data.sample_description
-        self.design_loc = design_loc
-        self.design_scale = design_scale
+        self.design_loc = loc.design
+        self.design_scale = scale.design
+        self.reduced_loc_names = loc.reduced_names
+        self.reduced_scale_names = scale.reduced_names
         self.dtype = dtype
         self.size_factors = size_factors
         self.log_size_factors = (
             np.zeros(data.n_cells) if size_factors is None else np.log(size_factors)
         )
-        self.constraints_loc = _identity_or(constraints_loc, design_loc.matrix.shape[1])
-        self.constraints_scale = _identity_or(constraints_scale, design_scale.matrix.shape[1])
-        self._reduced_loc = design_loc.matrix @ self.constraints_loc
-        self._reduced_scale = design_scale.matrix @ self.constraints_scale
+        self.constraints_loc = loc.constraints
+        self.constraints_scale = scale.constraints
+        self._reduced_loc = loc.design.matrix @ loc.constraints
+        self._reduced_scale = scale.design.matrix @ scale.constraints
         n_genes = data.n_genes
         self.batch_size = _resolve_batch_size(batch_size, data.n_cells, n_genes)
         p_loc, p_scale = self._reduced_loc.shape[1], self._reduced_scale.shape[1]
@@ -247,10 +267,10 @@ class Estimator:
         ll[self._all_zero] = 0.0
         finite = np.isfinite(ll) & np.all(np.isfinite(gradient), axis=1)
         finite &= np.all(np.isfinite(hessian), axis=(1, 2))
-        eigenvalues = np.linalg.eigvalsh(np.where(np.isfinite(hessian), -hessian, 0.0))
+        magnitudes = np.abs(np.linalg.eigvalsh(np.where(np.isfinite(hessian), -hessian, 0.0)))
         status = assign_status(
             self._all_zero, self._converged, self._stalled, finite, min_eta_zero,
-            max_eta_scale, overdispersion_score, eigenvalues[:, 0], eigenvalues[:, -1],
+            max_eta_scale, overdispersion_score, magnitudes.min(axis=1), magnitudes.max(axis=1),
         )
         self._evaluation = {"ll": ll, "gradient": gradient, "hessian": hessian, "status": status}
         return self._evaluation
@@ -298,6 +318,31 @@ class Estimator:
         return result
 
     @property
+    def fisher_inv_full(self):
+        """:attr:`fisher_inv` mapped to the full coefficients, shape (n_genes, P_full, P_full).
+
+        ``H F H^T`` with ``H`` the block-diagonal of both constraint matrices.
+        """
+        constraints = scipy.linalg.block_diag(self.constraints_loc, self.constraints_scale)
+        return np.einsum("ij,gjk,lk->gil", constraints, self.fisher_inv, constraints)
+
+    @property
+    def a_se(self):
+        """Standard errors of :attr:`a_var`, shape (n_loc, n_genes)."""
+        return self._standard_errors(self.fisher_inv)[: self._reduced_loc.shape[1]]
+
+    @property
+    def b_se(self):
+        """Standard errors of :attr:`b_var`, shape (n_scale, n_genes)."""
+        return self._standard_errors(self.fisher_inv)[self._reduced_loc.shape[1]:]
+
+    @staticmethod
+    def _standard_errors(covariance):
+        diagonal = np.diagonal(covariance, axis1=1, axis2=2).T
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(np.where(diagonal >= 0, diagonal, np.nan))
+
+    @property
     def converged(self):
         """Whether the last training stage's convergence test passed, shape (n_genes,)."""
         return self._converged.copy()
@@ -335,10 +380,6 @@ class Estimator:
             },
             index=pd.Index(counts.index, name="status"),
         )
-
-
-def _identity_or(constraints, n):
-    return np.eye(n) if constraints is None else np.asarray(constraints, dtype=np.float64)
 
 
 def _resolve_batch_size(batch_size, n_cells, n_genes):

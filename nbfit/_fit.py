@@ -1,10 +1,13 @@
 """``nbfit.fit``: the diffxpy ``fit.model`` API on top of the estimator."""
 
+import numpy as np
+
 from nbfit._design import design_from_formula, design_from_matrix, normalise_as_numeric
 from nbfit._estimator import DTYPES, Estimator
 from nbfit._init import resolve_init
 from nbfit._input import read_counts, read_size_factors
 from nbfit._strategy import check_train_arguments, make_solver, resolve_strategy
+from nbfit.constraints import Constrained, build_constrained, check_constrained, constraint_matrix_any
 
 NOISE_MODELS = ("nb",)
 
@@ -54,9 +57,11 @@ def fit(
         One row per cell; overrides ``data.obs``.
     dmat_loc, dmat_scale : DataFrame, formulaic ModelMatrix, ``(array, names)`` or array
         Pre-built designs; override the formulas.
-    constraints_loc, constraints_scale : None
-        Equality constraints are not supported yet: anything but None raises
-        NotImplementedError.
+    constraints_loc, constraints_scale : dict, str, list of str or ndarray, optional
+        Equality constraints (see :mod:`nbfit.constraints`): a dict
+        ``{"batch": "condition"}`` (batch levels sum to zero within each condition; the
+        factor is then fully dummy coded), equations over design column names, or an
+        array (``H`` with full = H @ reduced, or diffxpy's -1/+1 rows).
     noise_model : {"nb"}
     size_factors : ndarray, Series or str, optional
         Multiplicative per-cell factors (an offset ``log sf`` on the location), or the name
@@ -83,8 +88,6 @@ def fit(
         raise TypeError(f"fit() got unknown arguments {sorted(kwargs)}.")
     if noise_model != "nb":
         raise ValueError(f"noise_model={noise_model!r} is not supported; supported: {list(NOISE_MODELS)}.")
-    if constraints_loc is not None or constraints_scale is not None:
-        raise NotImplementedError("equality constraints (constraints_loc / constraints_scale) are not supported yet.")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)}.")
     strategy = resolve_strategy(training_strategy, quick_scale)
@@ -93,23 +96,17 @@ def fit(
     counts = read_counts(data, gene_names, sample_description, allow_noninteger)
     obs = counts.sample_description
     as_numeric = normalise_as_numeric(as_numeric)
-    if dmat_loc is not None:
-        design_loc = design_from_matrix(dmat_loc, counts.n_cells, "loc")
-    elif formula_loc is not None:
-        design_loc = design_from_formula(formula_loc, obs, as_numeric, "loc")
-    else:
+    if dmat_loc is None and formula_loc is None:
         raise ValueError("give a location model: formula_loc (e.g. '~1+condition') or dmat_loc.")
-    if dmat_scale is not None:
-        design_scale = design_from_matrix(dmat_scale, counts.n_cells, "scale")
-    else:
-        design_scale = design_from_formula(formula_scale, obs, as_numeric, "scale")
+    loc = _design(obs, counts.n_cells, formula_loc, dmat_loc, constraints_loc, as_numeric, "loc")
+    scale = _design(obs, counts.n_cells, formula_scale, dmat_scale, constraints_scale, as_numeric, "scale")
     n_genes = counts.n_genes
-    init_a = resolve_init(init_a, "init_a", (design_loc.matrix.shape[1], n_genes))
-    init_b = resolve_init(init_b, "init_b", (design_scale.matrix.shape[1], n_genes))
+    init_a = resolve_init(init_a, "init_a", (len(loc.reduced_names), n_genes))
+    init_b = resolve_init(init_b, "init_b", (len(scale.reduced_names), n_genes))
     estimator = Estimator(
         counts,
-        design_loc,
-        design_scale,
+        loc,
+        scale,
         size_factors=read_size_factors(size_factors, obs),
         init_a=init_a,
         init_b=init_b,
@@ -118,6 +115,21 @@ def fit(
     )
     strategy(estimator)
     return estimator
+
+
+def _design(obs, n_cells, formula, dmat, constraints, as_numeric, which):
+    """:class:`Constrained` design of one model from a formula or matrix and constraints."""
+    if constraints is None:
+        if dmat is not None:
+            design = design_from_matrix(dmat, n_cells, which)
+        else:
+            design = design_from_formula(formula, obs, as_numeric, which)
+        return Constrained(design, np.eye(len(design.names)), list(design.names))
+    if dmat is not None:
+        design = design_from_matrix(dmat, n_cells, which, check=False)
+        matrix, reduced = constraint_matrix_any(design.names, constraints)
+        return check_constrained(Constrained(design, matrix, reduced), which)
+    return build_constrained(obs, formula, constraints, as_numeric, which)
 
 
 def _check_stages(training_strategy):

@@ -66,17 +66,36 @@ def lgamma(x):
     return jnp.where(small, shifted, _lgamma_large(x_large))
 
 
+def _log1p_minus_x(t):
+    """``log1p(t) - t`` for t >= 0 without cancellation (series below 0.01)."""
+    small = t < 0.01
+    ts = jnp.where(small, t, 0.0)
+    series = 0.0
+    for k in range(9, 1, -1):
+        series = ts * ((-1.0) ** (k + 1) / k + series)
+    series = ts * series
+    tl = jnp.where(small, 1.0, t)
+    return jnp.where(small, series, jnp.log1p(tl) - tl)
+
+
 def lgamma_ratio(y, log_r):
     """``lgamma(y + r) - lgamma(r) - y * log(r)`` without cancellation, r = exp(log_r).
 
-    For large r both log-gammas are huge and nearly equal; the series form
-    ``(y + r - 1/2) log1p(y / r) - y + tail(y + r) - tail(r)`` keeps full precision and
+    For large r both log-gammas are huge and nearly equal; the Stirling form
+    ``(y + r - 1/2) log1p(t) - y + tail(y + r) - tail(r)``, t = y / r, written for t < 1
+    as ``r ((1 + t) (log1p(t) - t) + t^2) - log1p(t) / 2 + ...``, keeps full precision and
     tends to 0 as r -> infinity (the Poisson limit).
     """
     r = jnp.exp(log_r)
     large = r >= STIRLING_MIN
     r_large = jnp.where(large, r, STIRLING_MIN)
-    series = (y + r_large - 0.5) * jnp.log1p(y / r_large) - y
+    t = y / r_large
+    # y << r: the plain form cancels from ~y down to ~y^2/r; y >~ r: the rewritten one does.
+    small_t = t < 1.0
+    t_small = jnp.where(small_t, t, 0.0)
+    rewritten = r_large * ((1.0 + t_small) * _log1p_minus_x(t_small) + t_small**2)
+    plain = (y + r_large) * jnp.log1p(t) - y
+    series = jnp.where(small_t, rewritten, plain) - 0.5 * jnp.log1p(t)
     series = series + _stirling_tail(y + r_large) - _stirling_tail(r_large)
     r_small = jnp.where(large, 1.0, r)
     log_r_small = jnp.where(large, 0.0, log_r)

@@ -8,7 +8,7 @@ from nbfit._likelihood import LOG_R_CAP
 
 #: A cell with a zero count whose fitted mean is below this is taken as separated.
 SEPARATION_MEAN = 1e-10
-#: -H is singular when its smallest eigenvalue is below this times its largest.
+#: -H is singular when its smallest |eigenvalue| is below this times its largest.
 SINGULAR_RCOND = 1e-12
 
 
@@ -46,7 +46,7 @@ STATUS_NAMES = tuple(s.name for s in Status)
 
 
 def assign_status(all_zero, converged, stalled, evaluation_finite, min_eta_mean_zero,
-                  max_eta_scale, overdispersion_score, min_eigenvalue, max_eigenvalue):
+                  max_eta_scale, overdispersion_score, min_abs_eigenvalue, max_abs_eigenvalue):
     """One status name per gene; every argument has shape (n_genes,).
 
     A gene is at the Poisson limit when its fitted r reached the cap, or when in some
@@ -57,7 +57,7 @@ def assign_status(all_zero, converged, stalled, evaluation_finite, min_eta_mean_
     stalled / max_steps (not converged), singular, converged.
     """
     status = np.full(all_zero.shape, Status.converged.name, dtype=object)
-    singular = ~(min_eigenvalue > SINGULAR_RCOND * max_eigenvalue)
+    singular = ~(min_abs_eigenvalue > SINGULAR_RCOND * max_abs_eigenvalue)
     status[singular] = Status.singular.name
     status[~converged & ~stalled] = Status.max_steps.name
     status[~converged & stalled] = Status.stalled.name

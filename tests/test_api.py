@@ -220,7 +220,7 @@ def test_scale_model_with_design(adata):
         ({"training_strategy": [{"method": "sgd"}]}, ValueError, "valid methods are"),
         ({"training_strategy": [{"method": "newton", "learning_rate": 1}]}, TypeError, "valid arguments are"),
         ({"noise_model": "poisson"}, ValueError, "supported: ['nb']"),
-        ({"constraints_loc": {"batch": "condition"}}, NotImplementedError, "constraints"),
+        ({"constraints_loc": {"batch": "condition"}}, ValueError, "not nested"),
         ({"dtype": "float16"}, ValueError, "float64"),
         ({"init_a": "random"}, ValueError, "closed_form"),
         ({"init_a": np.zeros((2, 2))}, ValueError, "expected (3, 20)"),

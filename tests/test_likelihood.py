@@ -26,6 +26,9 @@ from nbfit._likelihood import LOG_R_CAP, STIRLING_MIN
 
 # --------------------------------------------------------------------------- tolerances
 
+#: Working precision (significant digits) of the mpmath references.
+MPMATH_DIGITS = 40
+
 #: lgamma / lgamma_ratio vs mpmath: |error| / max(1, |value|).
 LGAMMA_RTOL = 1e-12
 #: Constant-free log-likelihood vs mpmath: |error| / max(1, |value|).
@@ -89,24 +92,25 @@ RATIO_Y = [0.0, 1.0, 2.0, 3.0, 7.0, 10.0, 31.0, 100.0, 1e3, 3e3, 1e5, 1e6]
 
 def test_lgamma_matches_mpmath():
     mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 40
     x = np.asarray(LGAMMA_ARGS, dtype=np.float64)
     value = np.asarray(_likelihood.lgamma(jnp.asarray(x)))
-    truth = np.array([float(mpmath.loggamma(mpmath.mpf(float(v)))) for v in x])
+    with mpmath.workdps(MPMATH_DIGITS):
+        truth = np.array([float(mpmath.loggamma(mpmath.mpf(float(v)))) for v in x])
     error = _relative_error(value, truth)
-    assert np.all(error < LGAMMA_RTOL), dict(zip(x[error >= LGAMMA_RTOL], error[error >= LGAMMA_RTOL]))
+    bad = error >= LGAMMA_RTOL
+    assert not np.any(bad), dict(zip(x[bad], error[bad]))
 
 
 def _ratio_truth(mpmath, y, log_r):
-    """lgamma(y + r) - lgamma(r) - y log r at 40 digits, r = exp(log_r) exactly."""
-    r = mpmath.exp(mpmath.mpf(float(log_r)))
-    y = mpmath.mpf(float(y))
-    return float(mpmath.loggamma(y + r) - mpmath.loggamma(r) - y * mpmath.log(r))
+    """lgamma(y + r) - lgamma(r) - y log r in high precision, r = exp(log_r) exactly."""
+    with mpmath.workdps(MPMATH_DIGITS):
+        r = mpmath.exp(mpmath.mpf(float(log_r)))
+        y = mpmath.mpf(float(y))
+        return float(mpmath.loggamma(y + r) - mpmath.loggamma(r) - y * mpmath.log(r))
 
 
 def test_lgamma_ratio_matches_mpmath():
     mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 40
     y, r = np.meshgrid(np.asarray(RATIO_Y), np.asarray(RATIO_R), indexing="ij")
     y, log_r = y.ravel(), np.log(r.ravel())
     value = np.asarray(_likelihood.lgamma_ratio(jnp.asarray(y), jnp.asarray(log_r)))
@@ -114,20 +118,16 @@ def test_lgamma_ratio_matches_mpmath():
     error = _relative_error(value, truth)
     bad = error >= LGAMMA_RTOL
     assert not np.any(bad), [
-        (float(yy), float(np.exp(lr)), float(e)) for yy, lr, e in zip(y[bad], log_r[bad], error[bad])
+        (float(yy), float(np.exp(lr)), float(e))
+        for yy, lr, e in zip(y[bad], log_r[bad], error[bad])
     ]
 
 
-# KNOWN DEFECT (reported, not fixed here): for large r and y ~ sqrt(2 r) the series
-# ``(y + r - 1/2) log1p(y / r) - y`` cancels from ~y down to ~1, leaving an absolute error
-# ~ y * eps: up to ~1.8e-12 at r = 1e8, y ~ 1e4. Writing it as
-# ``r ((1 + t) log1pmx(t) + t^2) - log1p(t) / 2`` with t = y / r and
-# log1pmx(t) = log1p(t) - t (series for small t) removes it (~1e-15).
-# Strict xfail: this starts failing (XPASS) once lgamma_ratio is fixed; then drop the mark.
-@pytest.mark.xfail(strict=True, reason="lgamma_ratio series cancels for large r and y ~ sqrt(2 r)")
+# For large r and y ~ sqrt(2 r) the plain series ``(y + r - 1/2) log1p(y / r) - y``
+# cancels from ~y down to ~1 (absolute error ~ y * eps, 1.8e-12 relative at r = 1e8,
+# y ~ 1e4); lgamma_ratio's log1p(t) - t form must not.
 def test_lgamma_ratio_large_r_cancellation():
     mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 40
     y = np.unique(np.round(np.logspace(np.log10(5e3), np.log10(5e4), 60)))
     log_r = np.full(y.shape, math.log(1e8))
     value = np.asarray(_likelihood.lgamma_ratio(jnp.asarray(y), jnp.asarray(log_r)))
@@ -157,20 +157,22 @@ def _ll_grid():
 
 def test_log_likelihood_matches_mpmath():
     mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 40
     mu, r, y = _ll_grid()
     eta_mean, eta_scale = np.log(mu), np.log(r)
-    value = np.asarray(_likelihood.log_likelihood(jnp.asarray(eta_mean), jnp.asarray(eta_scale), jnp.asarray(y)))
+    value = np.asarray(
+        _likelihood.log_likelihood(jnp.asarray(eta_mean), jnp.asarray(eta_scale), jnp.asarray(y))
+    )
     truth = []
-    for em, es, yy in zip(eta_mean, eta_scale, y):
-        m, rr, yy = mpmath.exp(mpmath.mpf(em)), mpmath.exp(mpmath.mpf(es)), mpmath.mpf(yy)
-        truth.append(float(
-            mpmath.loggamma(yy + rr) - mpmath.loggamma(rr)
-            + rr * mpmath.log(rr / (rr + m)) + yy * mpmath.log(m / (rr + m))
-        ))
+    with mpmath.workdps(MPMATH_DIGITS):
+        for em, es, yy in zip(eta_mean, eta_scale, y):
+            m, rr, k = mpmath.exp(mpmath.mpf(em)), mpmath.exp(mpmath.mpf(es)), mpmath.mpf(yy)
+            truth.append(float(
+                mpmath.loggamma(k + rr) - mpmath.loggamma(rr)
+                + rr * mpmath.log(rr / (rr + m)) + k * mpmath.log(m / (rr + m))
+            ))
     error = _relative_error(value, truth)
     worst = int(np.argmax(error))
-    assert error[worst] < LL_MPMATH_RTOL, (mu[worst], r[worst], y[worst], value[worst], truth[worst])
+    assert error[worst] < LL_MPMATH_RTOL, (mu[worst], r[worst], y[worst], value[worst])
 
 
 def test_log_likelihood_matches_scipy_nbinom():
@@ -199,11 +201,14 @@ def test_log_likelihood_beyond_cap_is_quadratic_continuation():
     y = jnp.asarray([0.0, 3.0, 7.0])
     at_cap = np.asarray(_likelihood.log_likelihood(eta_mean, jnp.full(3, LOG_R_CAP), y))
     for excess in (1e-3, 0.5, 3.0):
-        beyond = np.asarray(_likelihood.log_likelihood(eta_mean, jnp.full(3, LOG_R_CAP + excess), y))
+        eta_scale = jnp.full(3, LOG_R_CAP + excess)
+        beyond = np.asarray(_likelihood.log_likelihood(eta_mean, eta_scale, y))
         np.testing.assert_allclose(beyond, at_cap - 0.5 * excess**2, rtol=0, atol=CAP_ATOL)
 
 
-@pytest.mark.parametrize("log_r", [math.log(1e-6), 0.0, math.log(10.0), 5.0, LOG_R_CAP, LOG_R_CAP + 1])
+@pytest.mark.parametrize(
+    "log_r", [math.log(1e-6), 0.0, math.log(10.0), 5.0, LOG_R_CAP, LOG_R_CAP + 1]
+)
 def test_log_likelihood_zero_count_vanishing_mean(log_r):
     eta_mean, eta_scale, y = jnp.asarray(-50.0), jnp.asarray(log_r), jnp.asarray(0.0)
     value = _likelihood.log_likelihood(eta_mean, eta_scale, y)
@@ -319,13 +324,17 @@ def test_fisher_location_closed_form(theta):
     # Value and location gradient agree with the joint derivatives.
     full_value, full_grad, _ = _derivatives(jnp.asarray(theta), problem)
     assert float(value) == pytest.approx(float(full_value), rel=1e-14)
-    np.testing.assert_allclose(np.asarray(grad_loc), np.asarray(full_grad)[:p_loc], rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(
+        np.asarray(grad_loc), np.asarray(full_grad)[:p_loc], rtol=1e-12, atol=1e-10
+    )
 
     # The observed location Hessian is affine in y, so its expectation is its value at
     # y = E[y] = mu: the expected information is minus that.
     at_mean = problem._replace(counts=jnp.asarray(mu))
     _, _, hess = _derivatives(jnp.asarray(theta), at_mean)
-    np.testing.assert_allclose(np.asarray(info), -np.asarray(hess)[:p_loc, :p_loc], rtol=FISHER_RTOL, atol=0)
+    np.testing.assert_allclose(
+        np.asarray(info), -np.asarray(hess)[:p_loc, :p_loc], rtol=FISHER_RTOL, atol=0
+    )
 
 
 # --------------------------------------------------------------------------- 5. statsmodels
@@ -340,7 +349,9 @@ def test_location_at_fixed_dispersion_matches_statsmodels():
     design = np.column_stack([np.ones(n_cells), condition, numeric])
     names = ["Intercept", "condition[T.B]", "numeric"]
     sf = np.exp(rng.normal(0.0, 0.3, n_cells))
-    true_a = np.stack([rng.uniform(0.0, 3.0, n_genes), rng.normal(0, 0.7, n_genes), rng.normal(0, 0.3, n_genes)])
+    true_a = np.stack(
+        [rng.uniform(0.0, 3.0, n_genes), rng.normal(0, 0.7, n_genes), rng.normal(0, 0.3, n_genes)]
+    )
     r = np.array([0.5, 2.0, 5.0, 20.0, 200.0])  # one fixed r per gene, both sides of 10
     mu = sf[:, None] * np.exp(design @ true_a)
     counts = rng.negative_binomial(r, r / (r + mu)).astype(np.float64)
@@ -357,9 +368,8 @@ def test_location_at_fixed_dispersion_matches_statsmodels():
     assert est.a_var.shape == (3, n_genes)
 
     for j in range(n_genes):
-        glm = sm.GLM(
-            counts[:, j], design, family=sm.families.NegativeBinomial(alpha=1.0 / r[j]), offset=np.log(sf)
-        )
+        family = sm.families.NegativeBinomial(alpha=1.0 / r[j])
+        glm = sm.GLM(counts[:, j], design, family=family, offset=np.log(sf))
         result = glm.fit(tol=1e-12, maxiter=200)
         assert result.converged
         np.testing.assert_allclose(est.a_var[:, j], result.params, rtol=0, atol=STATSMODELS_ATOL,

@@ -58,8 +58,13 @@ def test_simulate_batches_and_scale_model():
     assert adata.varm["true_a"].shape == (7, 4)
     assert adata.varm["true_b"].shape == (7, 2)
     # The formulas build designs whose column names match the true coefficients' names.
-    est = nbfit.fit(adata, formula_loc=adata.uns["formula_loc"], formula_scale=adata.uns["formula_scale"],
-                    size_factors="sf", training_strategy=[{"method": "newton", "max_steps": 0}])
+    est = nbfit.fit(
+        adata,
+        formula_loc=adata.uns["formula_loc"],
+        formula_scale=adata.uns["formula_scale"],
+        size_factors="sf",
+        training_strategy=[{"method": "newton", "max_steps": 0}],
+    )
     assert list(est.model.design_loc_names) == loc_names
     assert list(est.model.design_scale_names) == adata.uns["true_b_names"]
 

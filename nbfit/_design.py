@@ -13,6 +13,10 @@ import pandas as pd
 import scipy.linalg
 
 
+#: Designs with at most this many distinct rows get group-wise closed forms.
+MAX_GROUPS = 256
+
+
 class Design(NamedTuple):
     """A design matrix and its column names.
 
@@ -156,3 +160,43 @@ def dependent_columns(matrix):
     tolerance = max(matrix.shape) * np.finfo(np.float64).eps * diagonal[0]
     rank = int(np.sum(diagonal > tolerance))
     return sorted(int(k) for k in pivots[rank:])
+
+
+class DesignGroups:
+    """The distinct rows of a design (cells with equal rows form a group).
+
+    Attributes
+    ----------
+    rows : ndarray, shape (n_groups, p)
+    inverse : ndarray of int, shape (n_cells,)
+        Group of each cell.
+    indicator : ndarray, shape (n_cells, n_groups)
+        One-hot group membership of each cell (only if ``usable``).
+    usable : bool
+        Few groups and full rank: group-wise closed forms are possible.
+    """
+
+    def __init__(self, matrix):
+        rows, inverse = np.unique(matrix, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        self.rows = rows
+        self.inverse = inverse
+        self.usable = rows.shape[0] <= MAX_GROUPS and np.linalg.matrix_rank(rows) == rows.shape[1]
+        if self.usable:
+            self.indicator = np.zeros((matrix.shape[0], rows.shape[0]))
+            self.indicator[np.arange(matrix.shape[0]), inverse] = 1.0
+
+    def fit(self, group_values, group_weights):
+        """Weighted least squares of per-group values on the group rows.
+
+        Parameters
+        ----------
+        group_values : ndarray, shape (n_genes, n_groups)
+        group_weights : ndarray, shape (n_groups,)
+
+        Returns
+        -------
+        ndarray, shape (n_genes, p)
+        """
+        weighted = self.rows * group_weights[:, None]
+        return np.linalg.solve(self.rows.T @ weighted, (group_values @ weighted).T).T

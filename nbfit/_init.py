@@ -7,50 +7,11 @@ import numpy as np
 
 #: Location of genes without any count: their mean is set to about 1e-20, i.e. 0.
 ALL_ZERO_LOG_MEAN = float(np.log(1e-20))
-#: Designs with at most this many distinct rows get group-wise closed-form starts.
-MAX_GROUPS = 256
 #: Closed-form log r starts are clipped to this range: a start on the plateau of large r
 #: (where the likelihood is flat in r) would stall gradient-based solvers.
 LOG_R_START_RANGE = (-8.0, 8.0)
 
 INIT_NAMES = ("auto", "standard", "closed_form")
-
-
-class DesignGroups:
-    """The distinct rows of a design, if few enough and of full column rank.
-
-    Attributes
-    ----------
-    rows : ndarray, shape (n_groups, p)
-    indicator : ndarray, shape (n_cells, n_groups)
-        One-hot group membership of each cell.
-    usable : bool
-        Closed-form starts are possible (few groups, full rank).
-    """
-
-    def __init__(self, matrix):
-        rows, inverse = np.unique(matrix, axis=0, return_inverse=True)
-        inverse = np.asarray(inverse).reshape(-1)
-        self.rows = rows
-        self.usable = rows.shape[0] <= MAX_GROUPS and np.linalg.matrix_rank(rows) == rows.shape[1]
-        if self.usable:
-            self.indicator = np.zeros((matrix.shape[0], rows.shape[0]))
-            self.indicator[np.arange(matrix.shape[0]), inverse] = 1.0
-
-    def fit(self, group_values, group_weights):
-        """Weighted least squares of per-group values on the group rows.
-
-        Parameters
-        ----------
-        group_values : ndarray, shape (n_genes, n_groups)
-        group_weights : ndarray, shape (n_groups,)
-
-        Returns
-        -------
-        ndarray, shape (n_genes, p)
-        """
-        weighted = self.rows * group_weights[:, None]
-        return np.linalg.solve(self.rows.T @ weighted, (group_values @ weighted).T).T
 
 
 def _constant_fit(matrix, values):

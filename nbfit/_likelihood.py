@@ -103,6 +103,30 @@ def lgamma_ratio(y, log_r):
     return jnp.where(large, series, direct)
 
 
+def _capped(eta_scale):
+    """(log r used by the likelihood, excess of eta_scale over the cap)."""
+    within = eta_scale < LOG_R_CAP
+    return jnp.where(within, eta_scale, LOG_R_CAP), jnp.where(within, 0.0, eta_scale - LOG_R_CAP)
+
+
+def count_part(y, eta_scale):
+    """``lgamma(y + r) - lgamma(r) - y log r``: the part that depends on (y, r) only."""
+    log_r, _ = _capped(eta_scale)
+    return lgamma_ratio(y, log_r)
+
+
+def mean_part(eta_mean, eta_scale, y):
+    """``-(y + r) log1p(mu / r) + y log mu``: the rest, cheap elementary functions.
+
+    Beyond :data:`LOG_R_CAP` it also holds the continuation ``-(log r - cap)^2 / 2``.
+    """
+    log_r, beyond_cap = _capped(eta_scale)
+    softplus = nn.softplus(eta_mean - log_r)
+    # y * eta_mean is 0 * (-inf) for y = 0, mu -> 0: guard it.
+    y_eta_mean = jnp.where(y > 0, y * eta_mean, 0.0)
+    return -(y + jnp.exp(log_r)) * softplus + y_eta_mean - 0.5 * beyond_cap**2
+
+
 def log_likelihood(eta_mean, eta_scale, y):
     """NB log-likelihood of one observation, without the constant ``-lgamma(y + 1)``.
 
@@ -120,19 +144,12 @@ def log_likelihood(eta_mean, eta_scale, y):
     Returns
     -------
     float
-        ``lgamma(y+r) - lgamma(r) + r log(r/(r+mu)) + y log(mu/(r+mu))``.
+        ``lgamma(y+r) - lgamma(r) + r log(r/(r+mu)) + y log(mu/(r+mu))``
+        ``= count_part(y, eta_scale) + mean_part(eta_mean, eta_scale, y)``.
         Finite for ``mu -> 0`` with ``y = 0``; tends to the Poisson log-likelihood as
         ``r -> infinity``.
     """
-    within = eta_scale < LOG_R_CAP
-    log_r = jnp.where(within, eta_scale, LOG_R_CAP)
-    beyond_cap = jnp.where(within, 0.0, eta_scale - LOG_R_CAP)
-    # r log(r/(r+mu)) + y log(mu/(r+mu)) = -(y + r) log1p(mu/r) + y (log mu - log r)
-    softplus = nn.softplus(eta_mean - log_r)
-    r = jnp.exp(log_r)
-    # y * eta_mean is 0 * (-inf) for y = 0, mu -> 0: guard it.
-    y_eta_mean = jnp.where(y > 0, y * eta_mean, 0.0)
-    return lgamma_ratio(y, log_r) - (y + r) * softplus + y_eta_mean - 0.5 * beyond_cap**2
+    return count_part(y, eta_scale) + mean_part(eta_mean, eta_scale, y)
 
 
 def log_likelihood_constant(y):

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nbfit import _problem
 from nbfit._likelihood import log_likelihood_constant
@@ -36,9 +37,64 @@ class StageResult(NamedTuple):
     done: jax.Array
 
 
+#: Chunks of at least this many genes are compacted: once at most a quarter of their
+#: genes are still running, those are gathered into a chunk a quarter the size (never
+#: below this), so that a few slow genes do not set the cost of the whole chunk.
+MIN_COMPACT = 64
+
+
+class _Carry(NamedTuple):
+    """Loop state of a chunk; all fields but ``step`` have the genes as first axis."""
+
+    step: jax.Array
+    theta: jax.Array
+    state: object
+    done: jax.Array
+    n_steps: jax.Array
+    converged: jax.Array
+
+
 @partial(jax.jit, static_argnames=("solver",))
+def _start(solver, theta, skip, problem):
+    state = jax.vmap(solver.init, in_axes=(0, PROBLEM_AXES))(theta, problem)
+    zeros = jnp.zeros(theta.shape[0], jnp.int32)
+    return _Carry(jnp.zeros((), jnp.int32), theta, state, skip, zeros, skip)
+
+
+@partial(jax.jit, static_argnames=("solver",))
+def _advance(solver, carry, problem, max_steps, min_running):
+    """Step every running gene until ``max_steps`` or until at most ``min_running`` run."""
+    step = jax.vmap(solver.step, in_axes=(0, 0, PROBLEM_AXES))
+
+    def cond(carry):
+        running = jnp.sum(~carry.done)
+        return (carry.step < max_steps) & (running > min_running)
+
+    def body(carry):
+        done = carry.done
+        new_theta, new_state, new_done, new_converged = step(carry.theta, carry.state, problem)
+
+        def keep(old, new):
+            mask = done.reshape(done.shape + (1,) * (old.ndim - 1))
+            return jnp.where(mask, old, new)
+
+        return _Carry(
+            step=carry.step + 1,
+            theta=keep(carry.theta, new_theta),
+            state=jax.tree_util.tree_map(keep, carry.state, new_state),
+            done=done | new_done,
+            n_steps=carry.n_steps + (~done).astype(jnp.int32),
+            converged=jnp.where(done, carry.converged, new_converged),
+        )
+
+    return jax.lax.while_loop(cond, body, carry)
+
+
 def run_stage(solver, theta, skip, problem, max_steps):
     """Run ``solver`` on every gene of a chunk until each is done or ``max_steps`` is hit.
+
+    Every gene follows the same trajectory whatever chunk it is in: compaction only
+    moves running genes (with their solver state) into a smaller chunk.
 
     Parameters
     ----------
@@ -48,41 +104,46 @@ def run_stage(solver, theta, skip, problem, max_steps):
     skip : Array, shape (n_genes_chunk,), bool
         Genes not to fit (padding, all-zero genes); returned unchanged.
     problem : Problem
-        ``counts`` of shape (n_genes_chunk, n_cells); the rest shared.
+        Per-gene fields with n_genes_chunk rows; the rest shared.
     max_steps : int
+
+    Returns
+    -------
+    StageResult
     """
-    init = jax.vmap(solver.init, in_axes=(0, PROBLEM_AXES))
-    step = jax.vmap(solver.step, in_axes=(0, 0, PROBLEM_AXES))
-    n_genes = theta.shape[0]
+    carry = _start(solver, theta, skip, problem)
+    size = theta.shape[0]
+    if size < 4 * MIN_COMPACT:
+        carry = _advance(solver, carry, problem, max_steps, 0)
+        return StageResult(carry.theta, carry.n_steps, carry.converged, carry.done)
+    result = jax.tree_util.tree_map(np.array, carry)
+    index = np.arange(size)  # chunk row of each gene of the current (sub)chunk
+    while True:
+        target = size // 4 if size // 4 >= MIN_COMPACT else 0
+        carry = _advance(solver, carry, problem, max_steps, target)
+        running = np.flatnonzero(~np.asarray(carry.done))
+        finished = int(carry.step) >= max_steps or running.size == 0 or target == 0
+        _scatter(result, carry, index)
+        if finished:
+            break
+        # Gather the running genes into a chunk of size // 4, padded with done genes.
+        size = target
+        rows = np.concatenate([running, np.full(size - running.size, running[0])])
+        padding = np.arange(size) >= running.size
+        carry = jax.tree_util.tree_map(lambda x: x[rows] if np.ndim(x) else x, carry)
+        carry = carry._replace(done=carry.done | padding, converged=carry.converged | padding)
+        problem = problem._replace(
+            **{name: getattr(problem, name)[rows] for name, axis in PROBLEM_AXES._asdict().items() if axis == 0}
+        )
+        index = np.where(padding, -1, index[rows])
+    return StageResult(result.theta, result.n_steps, result.converged, result.done)
 
-    def cond(carry):
-        k, _, _, done, _, _ = carry
-        return (k < max_steps) & ~jnp.all(done)
 
-    def body(carry):
-        k, theta, state, done, n_steps, converged = carry
-        new_theta, new_state, new_done, new_converged = step(theta, state, problem)
-
-        def keep(old, new):
-            mask = done.reshape(done.shape + (1,) * (old.ndim - 1))
-            return jnp.where(mask, old, new)
-
-        theta = keep(theta, new_theta)
-        state = jax.tree_util.tree_map(keep, state, new_state)
-        n_steps = n_steps + (~done).astype(n_steps.dtype)
-        converged = jnp.where(done, converged, new_converged)
-        return k + 1, theta, state, done | new_done, n_steps, converged
-
-    carry = (
-        jnp.zeros((), jnp.int32),
-        theta,
-        init(theta, problem),
-        skip,
-        jnp.zeros(n_genes, jnp.int32),
-        skip,
-    )
-    _, theta, _, done, n_steps, converged = jax.lax.while_loop(cond, body, carry)
-    return StageResult(theta, n_steps, converged, done)
+def _scatter(result, carry, index):
+    """Write the genes of a (sub)chunk ``carry`` back into ``result`` (rows ``index``)."""
+    real = index >= 0
+    for name in ("theta", "n_steps", "converged", "done"):
+        getattr(result, name)[index[real]] = np.asarray(getattr(carry, name))[real]
 
 
 class Evaluation(NamedTuple):
@@ -123,7 +184,7 @@ def evaluate(theta, problem, scale_groups):
     def one(theta, problem):
         value, grad, hess = _problem.derivatives(theta, problem)
         eta_mean, eta_scale = _problem.linear_predictors(theta, problem)
-        constant = jnp.sum(log_likelihood_constant(problem.counts))
+        constant = problem.histogram_weights @ log_likelihood_constant(problem.histogram_values)
         zero = problem.counts == 0
         min_eta = jnp.min(jnp.where(zero, eta_mean, jnp.inf))
         residual = problem.counts - jnp.exp(eta_mean)

@@ -22,6 +22,8 @@ import scipy.stats
 
 import nbfit
 from nbfit import _likelihood, _problem
+from nbfit._design import DesignGroups
+from nbfit._histogram import count_histogram
 from nbfit._likelihood import LOG_R_CAP, STIRLING_MIN
 
 # --------------------------------------------------------------------------- tolerances
@@ -242,8 +244,18 @@ def _small_problem(seed=0, n_cells=N_CELLS_SMALL):
     mu = np.exp(design_loc @ np.array([1.5, -0.7, 0.4]) + log_sf)
     r = np.exp(design_scale @ np.array([1.0, 1.5]))
     counts = rng.negative_binomial(r, r / (r + mu)).astype(np.float64)
+    groups = DesignGroups(design_scale)
+    n_groups = len(groups.rows)
+    histogram = count_histogram(counts[None, :], groups.inverse, n_groups, n_cells)
     problem = _problem.Problem(
-        jnp.asarray(counts), jnp.asarray(design_loc), jnp.asarray(design_scale), jnp.asarray(log_sf)
+        counts=jnp.asarray(counts),
+        histogram_values=jnp.asarray(histogram.values[0]),
+        histogram_groups=jnp.asarray(histogram.groups[0]),
+        histogram_weights=jnp.asarray(histogram.weights[0]),
+        design_loc=jnp.asarray(design_loc),
+        design_scale=jnp.asarray(design_scale),
+        scale_rows=jnp.asarray(groups.rows),
+        log_size_factors=jnp.asarray(log_sf),
     )
     return problem, design_loc, design_scale, log_sf, counts
 

@@ -23,10 +23,11 @@ MAX_EXPANSIONS = 4
 #: is below what the 1e-6 (and far tighter) targets can see, e.g. near the r cap or while
 #: the means of separated cells go to 0.
 GAIN_TOL = 1e-13
-#: Log-likelihood differences below this fraction of max(1, |ll|) are rounding noise: a
-#: step whose predicted gain is that small is accepted unless it loses more than the noise,
-#: and is never extrapolated (else rounding would pick the step).
-NOISE = 1e3 * 2.220446049250313e-16
+#: Log-likelihood differences below this many machine epsilons of the working dtype,
+#: relative to max(1, |ll|), are rounding noise: a step whose predicted gain is that small
+#: is accepted unless it loses more than the noise, and is never extrapolated (else
+#: rounding would pick the step).
+NOISE_EPS = 1e3
 #: A gene whose line search finds no ascent is converged if its Newton decrement is
 #: below this fraction of max(1, |ll|): the optimum is then reached to rounding error.
 STALL_TOL = 1e-8
@@ -81,7 +82,7 @@ def line_search(objective, theta, value, direction, slope, problem, expand=True)
     the gene stays where it is (``accepted`` False).
     """
 
-    noise = NOISE * relative_to(value)
+    noise = noise_level(value)
 
     def trial(t):
         return objective(theta + t * direction, problem)
@@ -127,13 +128,21 @@ def finished(decrement, search, value, tol):
     """(done, converged) of one gene after a line-searched step.
 
     Converged when the decrement before the step was below ``tol`` or the accepted step
-    gained less than ``GAIN_TOL`` (both relative to max(1, |ll|)); done also when the
-    line search found no ascent (converged then only if the decrement was tiny).
+    gained less than ``GAIN_TOL`` (both relative to max(1, |ll|)) although a resolvable
+    gain was predicted; done also when the line search found no ascent (converged then
+    only if the decrement was tiny). A predicted gain below the rounding noise of the
+    log-likelihood (float32) does not stop the fit: the gradient still resolves it.
     """
     scale = relative_to(value)
-    small = (decrement <= tol * scale) | (search.accepted & (search.value - value <= GAIN_TOL * scale))
+    no_gain = search.accepted & (search.value - value <= GAIN_TOL * scale) & (decrement > noise_level(value))
+    small = (decrement <= tol * scale) | no_gain
     stalled = ~search.accepted
     return small | stalled, small | (stalled & (decrement <= STALL_TOL * scale))
+
+
+def noise_level(value):
+    """Rounding noise of a log-likelihood ``value`` in its dtype."""
+    return NOISE_EPS * jnp.finfo(value.dtype).eps * relative_to(value)
 
 
 def relative_to(value):

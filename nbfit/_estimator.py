@@ -13,7 +13,9 @@ import pandas as pd
 import scipy.linalg
 
 from nbfit import _loop
-from nbfit._init import DesignGroups, init_location, init_scale
+from nbfit._design import DesignGroups
+from nbfit._histogram import count_histogram, n_distinct
+from nbfit._init import init_location, init_scale
 from nbfit._likelihood import LOG_R_CAP
 from nbfit._problem import Problem
 from nbfit._status import STATUS_NAMES, Status, assign_status
@@ -146,6 +148,8 @@ class Estimator:
         self._reduced_scale = scale.design.matrix @ scale.constraints
         n_genes = data.n_genes
         self.batch_size = _resolve_batch_size(batch_size, data.n_cells, n_genes)
+        self._scale_groups = DesignGroups(self._reduced_scale)
+        self._histogram_size = 1
         p_loc, p_scale = self._reduced_loc.shape[1], self._reduced_scale.shape[1]
         self._theta = np.zeros((n_genes, p_loc + p_scale))
         self.n_steps = np.zeros(n_genes, dtype=np.int64)
@@ -167,17 +171,19 @@ class Estimator:
         p_loc = self._reduced_loc.shape[1]
         size_factors = np.exp(self.log_size_factors)
         groups_loc = DesignGroups(self._reduced_loc)
-        groups_scale = DesignGroups(self._reduced_scale)
+        groups = self._scale_groups
         for start, stop in self._chunks():
             counts = self.data.gene_chunk(start, stop)
             self._all_zero[start:stop] = counts.sum(axis=1) == 0
+            distinct = n_distinct(counts, groups.inverse, len(groups.rows)).max()
+            self._histogram_size = max(self._histogram_size, int(distinct))
             if isinstance(init_a, str):
                 self._theta[start:stop, :p_loc] = init_location(
                     init_a, counts, self._reduced_loc, size_factors, groups_loc
                 )
             if isinstance(init_b, str):
                 self._theta[start:stop, p_loc:] = init_scale(
-                    init_b, counts, self._reduced_scale, size_factors, groups_scale
+                    init_b, counts, self._reduced_scale, size_factors, groups
                 )
         if not isinstance(init_a, str):
             self._theta[:, :p_loc] = init_a.T
@@ -193,12 +199,23 @@ class Estimator:
     def _problems(self):
         """Yield (start, stop, padded Problem) for each gene chunk, in the estimator's dtype."""
         dtype = DTYPES[self.dtype]
-        design_loc = jnp.asarray(self._reduced_loc, dtype)
-        design_scale = jnp.asarray(self._reduced_scale, dtype)
-        offset = jnp.asarray(self.log_size_factors, dtype)
+        groups = self._scale_groups
+        shared = dict(
+            design_loc=jnp.asarray(self._reduced_loc, dtype),
+            design_scale=jnp.asarray(self._reduced_scale, dtype),
+            scale_rows=jnp.asarray(groups.rows, dtype),
+            log_size_factors=jnp.asarray(self.log_size_factors, dtype),
+        )
         for start, stop in self._chunks():
             counts = _pad_rows(self.data.gene_chunk(start, stop), self.batch_size)
-            yield start, stop, Problem(jnp.asarray(counts, dtype), design_loc, design_scale, offset)
+            histogram = count_histogram(counts, groups.inverse, len(groups.rows), self._histogram_size)
+            yield start, stop, Problem(
+                counts=jnp.asarray(counts, dtype),
+                histogram_values=jnp.asarray(histogram.values, dtype),
+                histogram_groups=jnp.asarray(histogram.groups),
+                histogram_weights=jnp.asarray(histogram.weights, dtype),
+                **shared,
+            )
 
     # ------------------------------------------------------------------ training
 
@@ -250,7 +267,7 @@ class Estimator:
         max_eta_scale = np.zeros(n_genes)
         overdispersion_score = np.zeros(n_genes)
         dtype = DTYPES[self.dtype]
-        groups = DesignGroups(self._reduced_scale)
+        groups = self._scale_groups
         indicator = groups.indicator if groups.usable else np.zeros((self.data.n_cells, 0))
         with self._precision():
             scale_groups = jnp.asarray(indicator, dtype)
@@ -380,6 +397,35 @@ class Estimator:
             },
             index=pd.Index(counts.index, name="status"),
         )
+
+    # ---- inference and results (issue 6) -----------------------------------------------
+    # Thin wrappers around nbfit.inference and nbfit._results (shared with nbfit.Results).
+
+    def wald(self, coef=None, term=None, **options):
+        """Wald test of full design coefficients per gene; see :func:`nbfit.inference.wald`."""
+        from nbfit import inference
+
+        return inference.wald(self, coef=coef, term=term, **options)
+
+    def lrt(self, reduced):
+        """Likelihood-ratio test against a nested ``reduced`` fit (:func:`nbfit.inference.lrt`)."""
+        from nbfit import inference
+
+        return inference.lrt(self, reduced)
+
+    def to_anndata(self, adata, key="nbfit", test=None):
+        """Write parameters, diagnostics and settings into ``adata`` (``_results.to_anndata``)."""
+        from nbfit import _results
+
+        return _results.to_anndata(self, adata, key=key, test=test)
+
+    def save(self, path):
+        """Save the results (no counts) to an ``.npz`` file; reload with :func:`nbfit.load`."""
+        from nbfit import _results
+
+        return _results.save(self, path)
+
+    # ---- end of inference and results (issue 6) ----------------------------------------
 
 
 def _resolve_batch_size(batch_size, n_cells, n_genes):

@@ -6,6 +6,7 @@ from nbfit._design import design_from_formula, design_from_matrix, normalise_as_
 from nbfit._estimator import DTYPES, Estimator
 from nbfit._init import resolve_init
 from nbfit._input import read_counts, read_size_factors
+from nbfit._results import describe_fit, versions
 from nbfit._strategy import check_train_arguments, make_solver, resolve_strategy
 from nbfit.constraints import Constrained, build_constrained, check_constrained, constraint_matrix_any
 
@@ -114,6 +115,13 @@ def fit(
         dtype=dtype,
     )
     strategy(estimator)
+    # Recorded for to_anndata / save (issue 6): how the fit was made, with which versions.
+    estimator.fit_settings = describe_fit(
+        formula_loc, formula_scale, as_numeric, size_factors, constraints_loc, constraints_scale,
+        training_strategy, quick_scale, init_a, init_b, dmat_loc, dmat_scale,
+        estimator.batch_size, dtype, noise_model,
+    )
+    estimator.versions = versions()
     return estimator
 
 

@@ -39,6 +39,23 @@ def normalise_as_numeric(as_numeric):
     return tuple(as_numeric)
 
 
+def parse_formula(formula, which="loc"):
+    """``formula`` parsed by formulaic; every problem is a ValueError naming the formula."""
+    if not isinstance(formula, str):
+        raise ValueError(f"formula_{which} must be a string such as '~1+condition', got {formula!r}.")
+    try:
+        parsed = formulaic.Formula(formula)
+    except Exception as error:  # noqa: BLE001 - formulaic's parser errors are not all FormulaicError
+        message = str(error).split("\n")[0]
+        raise ValueError(f"formula_{which}={formula!r} could not be parsed: {message}") from None
+    if isinstance(parsed, formulaic.formula.StructuredFormula):
+        raise ValueError(
+            f"formula_{which}={formula!r} is not a one-sided formula with a single part such as "
+            "'~1+condition' (no left-hand side, no '|')."
+        )
+    return parsed
+
+
 def design_from_formula(formula, sample_description, as_numeric=(), which="loc", check=True):
     """Build the design of ``formula`` over ``sample_description``.
 
@@ -54,12 +71,10 @@ def design_from_formula(formula, sample_description, as_numeric=(), which="loc",
     check : bool
         Raise if the design is rank deficient (off for designs identified by constraints).
     """
-    if not isinstance(formula, str):
-        raise TypeError(f"formula_{which} must be a string such as '~1+condition', got {formula!r}.")
+    parsed = parse_formula(formula, which)
     try:
-        parsed = formulaic.Formula(formula)
         variables = sorted(parsed.required_variables)
-    except formulaic.errors.FormulaicError as error:
+    except Exception as error:  # noqa: BLE001 - any failure here is the formula's
         raise ValueError(f"formula_{which}={formula!r} could not be parsed: {error}") from None
     missing = [v for v in variables if v not in sample_description.columns]
     if missing:
@@ -82,15 +97,44 @@ def design_from_formula(formula, sample_description, as_numeric=(), which="loc",
     for v in variables:
         column = sample_description[v]
         if v in as_numeric:
-            frame[v] = column.astype(np.float64)
+            frame[v] = _numeric(column, v)
         else:
             frame[v] = _sorted_categorical(column, v)
     try:
         matrix = formulaic.model_matrix(formula, frame, na_action="raise")
-    except formulaic.errors.FormulaicError as error:
-        raise ValueError(f"formula_{which}={formula!r} could not be evaluated: {error}") from None
+    except Exception as error:  # noqa: BLE001 - formulaic evaluates the formula's Python code
+        raise ValueError(
+            f"formula_{which}={formula!r} could not be evaluated: {type(error).__name__}: {error}"
+        ) from None
+    if not isinstance(matrix, pd.DataFrame):
+        raise ValueError(
+            f"formula_{which}={formula!r} is not a one-sided formula with a single part "
+            "(such as '~1+condition')."
+        )
     design = Design(np.asarray(matrix, dtype=np.float64), list(matrix.columns))
+    finite = np.isfinite(design.matrix).all(axis=0)
+    if not finite.all():
+        names = [name for name, ok in zip(design.names, finite) if not ok]
+        raise ValueError(f"formula_{which}={formula!r} gives non-finite values in the design columns {names}.")
     return check_design(design, which) if check else design
+
+
+def _numeric(column, name):
+    """``column`` as float64; raise on missing or infinite values."""
+    values = column.astype(np.float64)
+    if values.isna().any():
+        first = values.index[values.isna().to_numpy()][0]
+        raise ValueError(
+            f"column {name!r} of the sample description has {int(values.isna().sum())} missing "
+            f"value(s), first at cell {first!r}."
+        )
+    infinite = ~np.isfinite(values.to_numpy())
+    if infinite.any():
+        raise ValueError(
+            f"column {name!r} of the sample description has {int(infinite.sum())} infinite "
+            f"value(s), first at cell {values.index[infinite][0]!r}."
+        )
+    return values
 
 
 def _sorted_categorical(column, name):
@@ -143,12 +187,21 @@ def check_design(design, which="loc"):
     dependent = dependent_columns(design.matrix)
     if dependent:
         names = [design.names[k] for k in dependent]
+        involved = [design.names[k] for k in involved_columns(design.matrix)]
         raise ValueError(
             f"the {which} design is rank deficient: columns {names} are linear combinations of "
-            f"the others (design columns: {design.names}). Drop or merge them, or identify the "
-            f"model with constraints_{which}."
+            f"the others (linearly dependent columns: {involved}; design columns: "
+            f"{design.names}). Drop or merge them, or identify the model with constraints_{which}."
         )
     return design
+
+
+def involved_columns(matrix):
+    """Indices of the columns that take part in some linear dependency (null space support)."""
+    _, singular_values, vt = np.linalg.svd(matrix, full_matrices=False)
+    tolerance = max(matrix.shape) * np.finfo(np.float64).eps * singular_values[0]
+    null_space = vt[int(np.sum(singular_values > tolerance)):]
+    return [int(k) for k in np.flatnonzero(np.any(np.abs(null_space) > 1e-8, axis=0))]
 
 
 def dependent_columns(matrix):

@@ -89,7 +89,9 @@ def fit(
         raise TypeError(f"fit() got unknown arguments {sorted(kwargs)}.")
     if noise_model != "nb":
         raise ValueError(f"noise_model={noise_model!r} is not supported; supported: {list(NOISE_MODELS)}.")
-    if dtype not in DTYPES:
+    if isinstance(dtype, (type, np.dtype)) and np.dtype(dtype).name in DTYPES:
+        dtype = np.dtype(dtype).name  # np.float32, jnp.float32, np.dtype("float32")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)}.")
     strategy = resolve_strategy(training_strategy, quick_scale)
     _check_stages(training_strategy)

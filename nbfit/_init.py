@@ -81,11 +81,22 @@ def resolve_init(init, name, shape):
         if method not in INIT_NAMES:
             raise ValueError(f"{name}={init!r} is not known; use one of {list(INIT_NAMES)} or an array.")
         return "closed_form" if method == "auto" else method
-    values = np.asarray(init, dtype=np.float64)
+    usage = f"use one of {list(INIT_NAMES)} or an array of shape {shape} (coefficients x genes)"
+    if init is None:
+        raise ValueError(f"{name}=None is not known; {usage}.")
+    try:
+        values = np.asarray(init, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} is neither a known name nor a numeric array; {usage}.") from None
     if values.shape != shape:
+        hint = " (transposed? nbfit takes diffxpy's layout)" if values.shape == shape[::-1] else ""
         raise ValueError(
-            f"{name} has shape {values.shape}, expected {shape} (coefficients x genes)."
+            f"{name} has shape {values.shape}, expected {shape} (coefficients x genes){hint}."
         )
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name} has non-finite values.")
+        bad = np.argwhere(~np.isfinite(values))[0]
+        raise ValueError(
+            f"{name} has {int(np.sum(~np.isfinite(values)))} non-finite value(s), first at "
+            f"coefficient {int(bad[0])}, gene {int(bad[1])}."
+        )
     return values

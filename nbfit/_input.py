@@ -57,6 +57,8 @@ def read_counts(data, gene_names=None, sample_description=None, allow_noninteger
     """
     counts, names, obs = _unpack(data)
     if gene_names is not None:
+        if isinstance(gene_names, str):
+            raise TypeError("gene_names must be a sequence of names, one per gene, not a string.")
         names = gene_names
     if sample_description is not None:
         obs = sample_description
@@ -174,7 +176,22 @@ def read_size_factors(size_factors, sample_description):
                 f"columns are {list(sample_description.columns)}."
             )
         size_factors = sample_description[size_factors]
-    values = np.asarray(size_factors, dtype=np.float64).reshape(-1)
+    elif isinstance(size_factors, pd.Series) and not size_factors.index.equals(sample_description.index):
+        # A Series labelled by the cells is aligned by label, otherwise used by position.
+        index = size_factors.index
+        cells = sample_description.index
+        if index.is_unique and cells.is_unique and len(index) == n_cells and set(index) == set(cells):
+            size_factors = size_factors.reindex(cells)
+    try:
+        values = np.asarray(size_factors, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"size_factors must be positive numbers, one per cell; got values of dtype "
+            f"{np.asarray(size_factors).dtype} that are not numeric."
+        ) from None
+    if values.ndim > 1 and values.size != max(values.shape):
+        raise ValueError(f"size_factors must be 1-dimensional (one per cell), got shape {values.shape}.")
+    values = values.reshape(-1)
     if values.shape[0] != n_cells:
         raise ValueError(f"size_factors has {values.shape[0]} values but data has {n_cells} cells.")
     bad = ~np.isfinite(values) | (values <= 0)

@@ -1,6 +1,11 @@
 """Training strategies and solver names, resolved in one place."""
 
+import difflib
 import inspect
+import math
+import numbers
+
+import numpy as np
 
 from nbfit._solvers import IRLS, LBFGS, Newton
 
@@ -38,8 +43,55 @@ def make_solver(method, tol=None, update_loc=True, update_scale=True):
     cls = SOLVERS[method.lower()]
     options = {"update_loc": bool(update_loc), "update_scale": bool(update_scale)}
     if tol is not None:
-        options["tol"] = float(tol)
+        options["tol"] = check_tol(tol)
     return cls(**options)
+
+
+def check_tol(tol):
+    """``tol`` as a positive finite float, or a clear ValueError."""
+    try:
+        value = float(tol)
+    except (TypeError, ValueError):
+        raise ValueError(f"tol must be a positive number, got {tol!r}.") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
+    return value
+
+
+def check_max_steps(max_steps):
+    """``max_steps`` (None or an integer >= 0) unchanged, or a clear ValueError."""
+    if max_steps is None:
+        return None
+    integral = isinstance(max_steps, numbers.Integral) or (
+        isinstance(max_steps, numbers.Real) and math.isfinite(max_steps) and float(max_steps).is_integer()
+    )
+    if isinstance(max_steps, bool) or not integral or max_steps < 0:
+        raise ValueError(f"max_steps must be None or an integer >= 0, got {max_steps!r}.")
+    return int(max_steps)
+
+
+def check_stage(stage, label="training_strategy"):
+    """Validate one keyword dict for ``Estimator.train`` before anything is compiled.
+
+    Unknown keys are a TypeError (as for any unknown keyword argument); bad values of
+    known keys a ValueError naming the stage.
+    """
+    from nbfit._estimator import Estimator
+
+    try:
+        check_train_arguments(Estimator.train, stage)
+    except TypeError as error:
+        raise TypeError(f"{label}: {error}") from None
+    try:
+        make_solver(stage.get("method", "newton"), tol=stage.get("tol"))
+        check_max_steps(stage.get("max_steps"))
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from None
+    for flag in ("update_loc", "update_scale"):
+        if not isinstance(stage.get(flag, True), (bool, np.bool_)):
+            raise ValueError(f"{label}: {flag} must be True or False, got {stage[flag]!r}.")
+    if not stage.get("update_loc", True) and not stage.get("update_scale", True):
+        raise ValueError(f"{label}: update_loc and update_scale are both False; the stage would fit nothing.")
 
 
 def default_max_steps(solver):
@@ -83,6 +135,7 @@ def resolve_strategy(training_strategy, quick_scale=False):
                     f"training_strategy[{k}] is {type(stage).__name__}; a list strategy holds "
                     "dicts of keyword arguments for Estimator.train."
                 )
+            check_stage(stage, f"training_strategy[{k}]")
     else:
         raise TypeError(
             "training_strategy must be a name, a callable or a list of dicts, "
@@ -99,6 +152,14 @@ def resolve_strategy(training_strategy, quick_scale=False):
 def check_train_arguments(train, options):
     """Raise a clear TypeError for keyword arguments ``train`` does not take."""
     valid = [name for name in inspect.signature(train).parameters if name != "self"]
-    unknown = sorted(set(options) - set(valid))
+    unknown = sorted(set(options) - set(valid), key=str)
     if unknown:
-        raise TypeError(f"Estimator.train got unknown arguments {unknown}; valid arguments are {valid}.")
+        hints = [
+            f"{close[0]!r} for {name!r}"
+            for name in unknown
+            if (close := difflib.get_close_matches(str(name), valid, n=1))
+        ]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise TypeError(
+            f"Estimator.train got unknown arguments {unknown}{hint}; valid arguments are {valid}."
+        )

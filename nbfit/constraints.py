@@ -35,7 +35,7 @@ import formulaic
 import numpy as np
 import pandas as pd
 
-from nbfit._design import Design, check_design, design_from_formula, normalise_as_numeric
+from nbfit._design import Design, check_design, design_from_formula, normalise_as_numeric, parse_formula
 
 
 class ConstraintError(ValueError):
@@ -151,7 +151,13 @@ def constraint_matrix_from_array(names, array):
     """
     names = [str(name) for name in names]
     n_full = len(names)
-    array = np.asarray(array, dtype=np.float64)
+    try:
+        array = np.asarray(array, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConstraintError(
+            f"constraints {array!r} are neither equations (a string or a list of strings) nor a "
+            "numeric array."
+        ) from None
     if array.ndim != 2 or not np.all(np.isfinite(array)):
         raise ConstraintError("a constraint array must be a finite 2-dimensional array.")
     if array.shape[0] == n_full and array.shape[1] <= n_full:
@@ -226,6 +232,11 @@ def constraint_matrix_from_dict(sample_description, constraints, names, as_numer
     equations = []
     as_numeric = normalise_as_numeric(as_numeric)
     for factor, group in constraints.items():
+        if not isinstance(group, str) and group != 1:
+            raise ConstraintError(
+                f"constraints {{{factor!r}: {group!r}}}: the value must be the name of a grouping "
+                "factor or \"1\" (sum to zero over all levels)."
+            )
         _check_factor(sample_description, factor, as_numeric, "constrained factor")
         levels = _levels(sample_description[factor])
         if str(group) == "1":
@@ -311,7 +322,7 @@ def setup_constrained(sample_description, formula, constraints, as_numeric=()):
     design = pd.DataFrame(
         constrained.design.matrix, index=sample_description.index, columns=constrained.design.names
     )
-    terms = [str(term) for term in formulaic.Formula(formula)]
+    terms = [str(term) for term in _terms(formula)]
     term_names = ["Intercept" if term == "1" else term for term in terms]
     return design, list(constrained.design.names), constrained.constraints, term_names
 
@@ -325,11 +336,14 @@ def build_constrained(sample_description, formula, constraints, as_numeric=(), w
     else:
         # Equations that name factor levels without "T." ("batch[b1]") refer to the full
         # dummy coding of that factor, as with the dict form.
-        text = " ".join([constraints] if isinstance(constraints, str) else map(str, constraints))
-        if isinstance(constraints, np.ndarray):
+        if isinstance(constraints, str):
+            text = constraints
+        elif isinstance(constraints, (list, tuple)):
+            text = " ".join(c for c in constraints if isinstance(c, str))
+        else:
             text = ""
         full_dummies = [
-            factor for factor in _single_factors(formula)
+            factor for factor in _single_factors(formula, which)
             if f"{factor}[" in text and f"{factor}[T." not in text
         ]
         if full_dummies:
@@ -366,18 +380,20 @@ def check_constrained(constrained, which="loc"):
     return constrained
 
 
-def _single_factors(formula):
+def _terms(formula, which="loc"):
+    """The terms of a one-sided, single-part formula (ValueError otherwise)."""
+    return list(parse_formula(formula, which))
+
+
+def _single_factors(formula, which="loc"):
     """Names of the factors that form a main-effect term of ``formula``."""
-    try:
-        terms = list(formulaic.Formula(formula))
-    except formulaic.errors.FormulaicError as error:
-        raise ConstraintError(f"formula {formula!r} could not be parsed: {error}") from None
+    terms = _terms(formula, which)
     return [str(term) for term in terms if len(term.factors) == 1 and str(term) != "1"]
 
 
 def _design_with_full_dummies(sample_description, formula, factors, as_numeric, which):
     """The formula without the constrained factors, plus their full dummy coding."""
-    terms = list(formulaic.Formula(formula))
+    terms = _terms(formula, which)
     kept = []
     for term in terms:
         used = {str(factor) for factor in term.factors}

@@ -123,6 +123,13 @@ def relative_gap(ll, best):
 def score(data, results, rel_tol=REL_TOL):
     """Score every tool's estimates on one problem.
 
+    A tool *attempts* the genes it was run on (all genes, or its ``genes`` subset). On an
+    attempted gene, estimates that give no finite log-likelihood (NaN or infinite
+    coefficients, a missing gene) are a **failure**: the gene counts against the tool with
+    an infinite gap, never as a win, and never drops out of its denominator. The best
+    log-likelihood of a gene is the largest finite one over all tools; a gene no tool fits
+    finitely has no best, and every tool that attempted it fails it.
+
     Parameters
     ----------
     data : bench.problems.ProblemData
@@ -131,48 +138,62 @@ def score(data, results, rel_tol=REL_TOL):
 
     Returns
     -------
-    per_gene : DataFrame, one row per gene, columns ``ll_<tool>``, ``best``, ``best_tool``,
-        ``gap_<tool>`` (relative gap to the best tool on that gene; NaN where the tool did
-        not fit the gene).
-    summary : DataFrame, one row per tool: genes scored, fraction within ``rel_tol`` of
-        the best, fraction finite, median and max relative gap, sum of ll over its genes.
+    per_gene : DataFrame, one row per gene, columns ``ll_<tool>`` (NaN where the tool did
+        not attempt the gene or failed it), ``best``, ``best_tool``, ``gap_<tool>``
+        (relative gap to the best tool on that gene; ``inf`` on a failure, NaN where not
+        attempted).
+    summary : DataFrame, one row per tool: genes attempted (``genes_scored``), failures,
+        fraction within ``rel_tol`` of the best (failures count as not within), median and
+        max relative gap, sum of ll over its finite genes.
     """
     n_genes = data.n_genes
-    lls = {}
+    lls, attempted = {}, {}
+    n_scale = data.design_scale.shape[1]
     for tool, res in results.items():
         if res is None or res.a is None:
             continue
         genes = np.arange(n_genes) if res.genes is None else np.asarray(res.genes)
-        b = np.asarray(res.b, dtype=np.float64).reshape(data.design_scale.shape[1], -1)
+        a = np.asarray(res.a, dtype=np.float64).reshape(data.design_loc.shape[1], -1)
+        b = np.asarray(res.b, dtype=np.float64).reshape(n_scale, -1)
         full = np.full(n_genes, np.nan)
-        full[genes] = gene_log_likelihood(data.counts, data.design_loc, data.design_scale,
-                                          data.sf, res.a, b, genes)
+        mask = np.zeros(n_genes, dtype=bool)
+        mask[genes] = True
+        if a.shape[1] == len(genes) and b.shape[1] == len(genes):
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                ll = gene_log_likelihood(data.counts, data.design_loc, data.design_scale,
+                                         data.sf, a, b, genes)
+            # NaN coefficients, -inf ll (e.g. r = 0), +inf (impossible for a pmf): failure
+            full[genes] = np.where(np.isfinite(ll), ll, np.nan)
         lls[tool] = full
+        attempted[tool] = mask
     per_gene = pd.DataFrame({f"ll_{t}": v for t, v in lls.items()},
                             index=pd.Index([f"gene_{j}" for j in range(n_genes)], name="gene"))
     if not lls:
         return per_gene, pd.DataFrame()
     matrix = np.column_stack(list(lls.values()))
     finite = np.where(np.isfinite(matrix), matrix, -np.inf)
-    best = finite.max(axis=1)
-    best_tool = np.array(list(lls))[finite.argmax(axis=1)]
+    any_finite = np.isfinite(matrix).any(axis=1)
+    best = np.where(any_finite, finite.max(axis=1), np.nan)
+    best_tool = np.where(any_finite, np.array(list(lls))[finite.argmax(axis=1)], "")
     per_gene["best"] = best
     per_gene["best_tool"] = best_tool
     rows = []
     for tool, ll in lls.items():
+        mask = attempted[tool]
+        failed = mask & ~np.isfinite(ll)
         gap = relative_gap(ll, best)
-        gap = np.where(np.isfinite(ll) | np.isnan(ll), gap, np.inf)  # -inf ll: infinite gap
+        gap = np.where(failed, np.inf, np.where(mask, gap, np.nan))
         per_gene[f"gap_{tool}"] = gap
-        fitted = ~np.isnan(ll)
-        g = gap[fitted]
+        g = gap[mask]
         rows.append({
             "tool": tool,
-            "genes_scored": int(fitted.sum()),
+            "genes_scored": int(mask.sum()),
+            "n_failed": int(failed.sum()),
             "frac_within_tol": float(np.mean(g <= rel_tol)) if g.size else np.nan,
-            "frac_finite_ll": float(np.mean(np.isfinite(ll[fitted]))) if g.size else np.nan,
+            "frac_finite_ll": float(np.mean(~failed[mask])) if g.size else np.nan,
             "median_rel_gap": float(np.median(g)) if g.size else np.nan,
             "max_rel_gap": float(np.max(g)) if g.size else np.nan,
-            "n_gap_gt_tol": int(np.sum(g > rel_tol)),
-            "sum_ll": float(np.sum(ll[fitted])),
+            "n_gap_gt_tol": int(np.sum(~(g <= rel_tol))),
+            "sum_ll": float(np.sum(ll[mask & ~failed])),
         })
     return per_gene, pd.DataFrame(rows).set_index("tool")

@@ -96,6 +96,15 @@ def _registry() -> dict[str, Problem]:
 
 REGISTRY: dict[str, Problem] = _registry()
 
+#: tools that ``bench/run.py`` leaves out of a problem unless named with ``--tools``
+#: (reason shown in the table). diffxpy 0.7.4 needs ~40 s per 1,000 cells x 2,000 genes
+#: here and grows with the cells; issue #5 compares against it at 1,000 cells only.
+SKIP: dict[str, dict[str, str]] = {
+    name: {"diffxpy": "compared at 1,000 cells only (cb_1k), as issue #5 asks; name it "
+                      "with --tools to run it here"}
+    for name in ("cb_10k", "cb_10k_f32", "cb_10k_sparse")
+}
+
 
 def get(name: str) -> Problem:
     try:

@@ -2,12 +2,15 @@
 grow (2k, 20k x 10k cells, fitted in chunks of ``batch_size`` = 500 genes).
 
     python bench/scaling.py [--out bench/results] [--workdir bench/work] [--quick]
+                            [--timeout 600] [--series cells genes]
 
 Each point is one fresh nbfit process (bench.tools.run_nbfit): cold = first fit,
 compilation included; warm = second fit; peak memory = the process's ru_maxrss, which
-includes the dense float64 counts it reads (cells x genes x 8 bytes, listed as data MiB).
-Writes ``scaling.csv``, ``scaling.json`` and ``scaling_cells.png`` / ``scaling_genes.png``
-(matplotlib: the ``plot`` extra). The fitted log-log slope of warm time against size is
+includes the dense float64 counts it holds (cells x genes x 8 bytes, listed as data MiB).
+A point whose process runs past ``--timeout`` seconds is recorded as timed out and left out
+of the plot. Writes ``scaling.csv``, ``scaling.json``, ``scaling.md`` (a section that
+``bench/run.py`` puts into ``results/README.md``, which is rebuilt here too) and
+``scaling_cells.png`` / ``scaling_genes.png`` (matplotlib: the ``plot`` extra). The fitted log-log slope of warm time against size is
 printed and stored: 1 means linear. ``--quick`` runs small sizes (a smoke test).
 """
 
@@ -27,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench import problems as P  # noqa: E402
-from bench.run import machine_info  # noqa: E402
+from bench.run import git_revision, machine_info, write_readme  # noqa: E402
 from bench.tools import run_nbfit  # noqa: E402
 
 SERIES = {
@@ -45,8 +48,13 @@ def quick_series():
     }
 
 
-def measure(problem, workdir):
-    result = run_nbfit(problem, workdir)
+def measure(problem, workdir, timeout=None):
+    try:
+        result = run_nbfit(problem, workdir, timeout=timeout)
+    except RuntimeError as error:  # killed at the timeout, or failed
+        return {"problem": problem.name, "n_cells": problem.n_cells,
+                "n_genes": problem.n_genes, "batch_size": problem.batch_size,
+                "status": f"failed or timed out (> {timeout} s): {str(error).splitlines()[0]}"}
     return {
         "problem": problem.name, "n_cells": problem.n_cells, "n_genes": problem.n_genes,
         "batch_size": problem.batch_size, "fit_s_warm": result.fit_seconds_warm,
@@ -54,6 +62,7 @@ def measure(problem, workdir):
         "peak_mem_mb": result.peak_memory_mb,
         "data_mb": problem.n_cells * problem.n_genes * 8 / 2**20,
         "n_steps": result.n_steps, "converged_frac": result.converged_fraction,
+        "status": "ok",
     }
 
 
@@ -105,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--series", nargs="+", default=["cells", "genes"],
                         choices=["cells", "genes"])
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per point (one fresh nbfit process, two fits)")
     args = parser.parse_args(argv)
     series = quick_series() if args.quick else {k: [P.get(n) for n in v]
                                                   for k, v in SERIES.items()}
@@ -115,11 +126,17 @@ def main(argv=None):
         for problem in series[axis]:
             print(f"[scaling/{axis}] {problem.name} ({problem.n_cells} x {problem.n_genes}) ...",
                   flush=True)
-            row = {"series": axis, **measure(problem, args.workdir)}
-            print(f"    warm {row['fit_s_warm']:.3g} s, cold {row['fit_s_cold']:.3g} s, "
-                  f"peak {row['peak_mem_mb']:.0f} MiB", flush=True)
+            row = {"series": axis, **measure(problem, args.workdir, args.timeout)}
+            if row["status"] != "ok":
+                print(f"    {row['status']}", flush=True)
+            else:
+                print(f"    warm {row['fit_s_warm']:.3g} s, cold {row['fit_s_cold']:.3g} s, "
+                      f"peak {row['peak_mem_mb']:.0f} MiB", flush=True)
             part.append(row)
-        frame = pd.DataFrame(part)
+        rows += part
+        frame = pd.DataFrame([r for r in part if r["status"] == "ok"])
+        if len(frame) == 0:
+            continue
         size = "n_cells" if axis == "cells" else "n_genes"
         slopes[axis] = {"warm": slope(frame[size], frame["fit_s_warm"]),
                         "cold": slope(frame[size], frame["fit_s_cold"]),
@@ -127,14 +144,51 @@ def main(argv=None):
         print(f"[scaling/{axis}] log-log slope of warm time: {slopes[axis]['warm']:.2f} "
               "(1 = linear)")
         plot(frame, axis, args.out / f"scaling_{axis}{'_quick' if args.quick else ''}.png")
-        rows += part
     suffix = "_quick" if args.quick else ""
-    pd.DataFrame(rows).to_csv(args.out / f"scaling{suffix}.csv", index=False)
-    meta = {"command": "python bench/scaling.py " + " ".join(argv or sys.argv[1:]),
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / f"scaling{suffix}.csv", index=False)
+    meta = {"command": "python bench/scaling.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]),
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine_info(), "loglog_slopes": slopes}
+            "machine": machine_info(), "git": git_revision(), "loglog_slopes": slopes}
     (args.out / f"scaling{suffix}.json").write_text(json.dumps(meta, indent=1))
+    if not args.quick:
+        (args.out / "scaling.md").write_text(markdown(table, meta, args.series))
+        write_readme(args.out)
     print(f"wrote {args.out}/scaling{suffix}.csv and plots")
+
+
+def markdown(table, meta, series):
+    """The scaling section of results/README.md."""
+    m = meta["machine"]
+    lines = ["## Scaling (nbfit alone)", "",
+             f"- command: `{meta['command']}`",
+             f"- date: {meta['date']}; nbfit revision {meta.get('git', '?')}",
+             f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB memory",
+             "", "| series | cells | genes | batch_size | fit warm (s) | fit cold (s) | "
+             "process (s) | peak MiB, fit | data MiB | steps | converged | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        ok = r.get("status") == "ok"
+
+        def f(column, digits=3):
+            value = r.get(column)
+            return f"{value:.{digits}g}" if ok and pd.notna(value) else "–"
+
+        batch = "default" if pd.isna(r.get("batch_size")) else str(int(r["batch_size"]))
+        lines.append(f"| {r['series']} | {r['n_cells']} | {r['n_genes']} | {batch} | "
+                     f"{f('fit_s_warm')} | {f('fit_s_cold')} | {f('process_s')} | "
+                     f"{f('peak_mem_mb', 4)} | {f('data_mb', 4)} | {f('n_steps')} | "
+                     f"{f('converged_frac', 4)} | {r.get('status', '')} |")
+    lines.append("")
+    for axis, s in meta["loglog_slopes"].items():
+        lines.append(f"- log-log slope vs {axis} (1 = linear): warm {s['warm']:.2f}, "
+                     f"cold {s['cold']:.2f}, peak memory {s['peak_mem']:.2f}")
+    lines.append("")
+    for axis in series:
+        lines.append(f"![nbfit vs {axis}](scaling_{axis}.png)")
+    lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

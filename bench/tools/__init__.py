@@ -99,10 +99,29 @@ def run_deseq2(problem, workdir, max_genes=None, timeout=None, **_):
     return _r_tool("deseq2", "deseq2.R", problem, workdir, max_genes, timeout)
 
 
+_R_PACKAGES = {"glmgampoi": "glmGamPoi", "deseq2": "DESeq2"}
+_r_checked: dict = {}
+
+
+def _r_package_available(exe, package):
+    """Whether ``library(package)`` loads in Rscript (checked once per process)."""
+    if package not in _r_checked:
+        import subprocess
+
+        probe = subprocess.run([exe, "-e", f"suppressPackageStartupMessages(library({package}))"],
+                               env={**os.environ, "EDITOR": os.environ.get("EDITOR") or "vi"},
+                               capture_output=True, text=True, timeout=300)
+        _r_checked[package] = probe.returncode == 0
+    return _r_checked[package]
+
+
 def _r_tool(tool, script, problem, workdir, max_genes, timeout):
     problem = P.get(problem) if isinstance(problem, str) else problem
     _intercept_scale_only(problem, tool)
     exe = rscript()
+    if not _r_package_available(exe, _R_PACKAGES[tool]):
+        raise ToolUnavailable(f"R package {_R_PACKAGES[tool]} not installed "
+                              "(bench/setup.sh r: apt-get install r-bioc-glmgampoi r-bioc-deseq2)")
     problem, folder, genes = _prepare(problem, workdir, max_genes, formats=("npy", "f64"))
     out_dir = Path(workdir).resolve() / problem.name / f"out_{tool}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +143,15 @@ def _r_tool(tool, script, problem, workdir, max_genes, timeout):
         od = np.fromfile(out_dir / "overdispersion.f64", dtype="<f8")
         with np.errstate(divide="ignore"):
             b = -np.log(od)  # overdispersion 0 -> log r = +inf (Poisson)
+        mem_before, mem_peak, mem_load, reset, blas = lines[5:10]
         info = {"fit_seconds_warm": float(elapsed), "fit_seconds_cold": float(elapsed),
-                "mem_before_fit_mb": float(lines[5]) if len(lines) > 5 else None,
-                "mem_peak_mb": float(lines[6]) if len(lines) > 6 else None,
+                "mem_before_fit_mb": float(mem_before), "mem_peak_mb": float(mem_peak),
+                "mem_load_peak_mb": float(mem_load), "mem_hwm_reset": reset == "TRUE",
+                "mem_process_peak_mb": max(float(mem_peak), float(mem_load)),
                 "fit_user_seconds": float(user), "version": f"{tool} {version} ({r_version})",
-                "notes": ["fit timed in R with system.time(); no JIT: warm = cold"]}
+                "blas": blas,
+                "notes": [f"fit timed in R with system.time(); no JIT: warm = cold; "
+                          f"single-threaded R, BLAS {blas}"]}
         if tool == "glmgampoi":
             info["notes"].append("glm_gp(overdispersion=TRUE, overdispersion_shrinkage=FALSE, "
                                  "do_cox_reid_adjustment=FALSE); b = -log(overdispersion)")
@@ -155,7 +178,7 @@ def _run_and_convert(tool, problem, cmd, out_dir, convert, timeout):
     from bench.tools import base
 
     log = out_dir / "log.txt"
-    code, wall, peak = base.run_measured(cmd, env={"EDITOR": os.environ.get("EDITOR", "vi")},
+    code, wall, peak = base.run_measured(cmd, env={"EDITOR": os.environ.get("EDITOR") or "vi"},
                                          timeout=timeout, log=log)
     if code != 0 or not (out_dir / "timing.txt").exists():
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""

@@ -5,9 +5,12 @@ reads the problem's files (written beforehand, outside the timed region), times 
 fit, and writes ``result.json`` (timings, diagnostics, notes) and ``result.npz`` (``a``
 (p_loc, n), ``b`` (n,) log r, ``genes`` (n,)). The parent measures the whole process:
 wall time (start-up, imports, data loading, fit, writing). Peak memory is the worker's
-own peak resident set (VmHWM from /proc/self/status at its end, written by the worker):
-``ru_maxrss`` from ``os.wait4`` cannot be used, since Linux carries the forking parent's
-high-water mark across exec. Processes of worker pools (diffxpy's multiprocessing pool,
+own peak resident set over its fits (``workers/_common.py`` FitMemory: the kernel's
+high-water mark VmHWM is reset just before the first fit and read right after the last,
+so it counts the data, libraries and everything the fits allocate, but not transient
+copies made while reading the input files); the whole process's peak is kept too
+(``process_peak_mem_mb``). ``ru_maxrss`` from ``os.wait4`` cannot be used, since Linux
+carries the forking parent's high-water mark across exec. Processes of worker pools (diffxpy's multiprocessing pool,
 PyDESeq2's joblib workers) are not included; their largest ``ru_maxrss`` is kept in
 ``extra["children_peak_mb"]``.
 """
@@ -71,12 +74,17 @@ class ToolResult:
             "fit_s_cold": self.fit_seconds_cold,
             "process_s": self.process_seconds,
             "peak_mem_mb": self.peak_memory_mb,
-            "mem_before_fit_mb": self.extra.get("mem_before_fit_mb", float("nan")),
+            "mem_before_fit_mb": _num(self.extra.get("mem_before_fit_mb")),
+            "process_peak_mem_mb": _num(self.extra.get("mem_process_peak_mb")),
             "n_steps": self.n_steps,
             "converged_frac": self.converged_fraction,
             "gene_fraction": self.gene_fraction,
             "notes": "; ".join(self.notes),
         }
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def venv_python(name: str) -> Path:

@@ -55,6 +55,48 @@ def hwm_mb():
     return float("nan")
 
 
+def rss_mb():
+    """Current resident memory of this process (VmRSS), MiB; NaN off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class FitMemory:
+    """Peak memory of the fit window, the data and libraries it holds included.
+
+    ``start()`` (just before the first timed fit) records the process's peak so far
+    (reading the data, imports: ``mem_load_peak_mb``), then resets the kernel's high-water
+    mark (``echo 5 > /proc/self/clear_refs``) so that ``stop()`` (right after the last
+    fit) reads the peak of the fits alone: ``mem_peak_mb`` (``mem_before_fit_mb`` = the
+    resident memory when the fits start). Where the reset is refused, ``mem_peak_mb`` is
+    the whole process's peak and ``mem_hwm_reset`` says so.
+    """
+
+    def start(self):
+        self.load_peak = hwm_mb()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.before = rss_mb()
+        return self
+
+    def stop(self):
+        self.peak = hwm_mb()
+        return self
+
+    def info(self):
+        return {"mem_load_peak_mb": self.load_peak, "mem_before_fit_mb": self.before,
+                "mem_peak_mb": self.peak, "mem_hwm_reset": self.reset,
+                "mem_process_peak_mb": max(self.load_peak, self.peak)}
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()
@@ -75,10 +117,9 @@ def write_result(spec, a, b, genes, fit_seconds_warm, fit_seconds_cold, n_steps=
              b=np.asarray(b, dtype=np.float64).reshape(-1), genes=np.asarray(genes), **arrays)
     import resource
 
+    info.setdefault("mem_peak_mb", hwm_mb())  # workers pass FitMemory.info()
     info.update(
-        # this process's own peak RSS (VmHWM of its address space since exec); worker
-        # pools' processes are reported apart (their ru_maxrss, largest one)
-        mem_peak_mb=hwm_mb(),
+        # worker pools' processes are reported apart (their ru_maxrss, largest one)
         children_peak_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         fit_seconds_warm=float(fit_seconds_warm),
         fit_seconds_cold=float(fit_seconds_cold),

@@ -6,7 +6,7 @@ shrinkage or Cox-Reid (glmGamPoi's call in the benchmark). delnx enables JAX x64
 
 import warnings
 
-from _common import Timer, hwm_mb, load_spec, read_problem, write_result
+from _common import FitMemory, Timer, load_spec, read_problem, write_result
 
 spec = load_spec()
 import anndata  # noqa: E402
@@ -21,18 +21,19 @@ opts = dict(design=design.to_numpy(), design_column_names=list(design.columns),
             size_factors=sf, overdispersion=True, overdispersion_shrinkage=False,
             do_cox_reid_adjustment=False, verbose=False)
 opts.update(spec.get("options", {}))
-mem_before_fit = hwm_mb()
+memory = FitMemory().start()
 times = []
 for _ in range(max(1, int(spec.get("repeats", 2)))):
     with Timer() as t:
         fit = delnx.tl.nb_fit(adata, **opts)
     times.append(t.seconds)
+memory.stop()
 a = np.asarray(fit.beta).T  # (p, genes), design column order
 with np.errstate(divide="ignore"):
     b = -np.log(np.asarray(fit.overdispersions, dtype=float))
 write_result(
     spec, a, b, genes,
-    mem_before_fit_mb=mem_before_fit,
+    **memory.info(),
     fit_seconds_warm=min(times[1:]) if len(times) > 1 else times[0],
     fit_seconds_cold=times[0],
     converged_fraction=float(np.mean(np.asarray(fit.converged))),

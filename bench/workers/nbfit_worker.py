@@ -2,7 +2,7 @@
 
 import sys
 
-from _common import Timer, hwm_mb, load_spec, read_problem, reorder, write_result
+from _common import FitMemory, Timer, load_spec, read_problem, reorder, write_result
 
 spec = load_spec()
 import numpy as np  # noqa: E402
@@ -18,12 +18,13 @@ adata = anndata.AnnData(X=counts, obs=obs,
 kwargs = dict(formula_loc=spec["formula_loc"], formula_scale=spec["formula_scale"],
               size_factors="sf", dtype=spec["dtype"], batch_size=spec.get("batch_size"))
 kwargs.update(spec.get("options", {}))
-mem_before_fit = hwm_mb()
+memory = FitMemory().start()
 times = []
 for _ in range(max(1, int(spec.get("repeats", 2)))):
     with Timer() as t:
         est = nbfit.fit(adata, **kwargs)
     times.append(t.seconds)
+memory.stop()
 names = list(est.model.design_loc_names)
 a = reorder(est.a_var, names, meta["loc_names"])
 b = np.asarray(est.b_var)
@@ -34,7 +35,7 @@ values, counts_ = np.unique(status, return_counts=True)
 n_steps = getattr(est, "n_steps", None)
 write_result(
     spec, a, b[0], genes,
-    mem_before_fit_mb=mem_before_fit,
+    **memory.info(),
     fit_seconds_warm=min(times[1:]) if len(times) > 1 else times[0],
     fit_seconds_cold=times[0],
     n_steps=None if n_steps is None else float(np.mean(n_steps)),

@@ -9,7 +9,7 @@ min_mu 1e-6 and max_disp max(10, n_cells) as DESeq2 for single cells.
 
 import warnings
 
-from _common import Timer, hwm_mb, load_spec, read_problem, reorder, write_result
+from _common import FitMemory, Timer, load_spec, read_problem, reorder, write_result
 
 spec = load_spec()
 import numpy as np  # noqa: E402
@@ -23,7 +23,7 @@ names = [f"gene_{j}" for j in genes]
 counts_df = pd.DataFrame(counts.astype(np.int64), index=obs.index, columns=names)
 opts = dict(min_mu=1e-6, max_disp=max(10.0, float(len(obs))), refit_cooks=False,
             quiet=True, n_cpus=spec.get("options", {}).get("n_cpus"))
-mem_before_fit = hwm_mb()
+memory = FitMemory().start()
 times = []
 for _ in range(max(1, int(spec.get("repeats", 1)))):
     dds = DeseqDataSet(counts=counts_df, metadata=obs, design=design, **opts)
@@ -37,6 +37,7 @@ for _ in range(max(1, int(spec.get("repeats", 1)))):
         dds.var["dispersions"] = dds.var["genewise_dispersions"].copy()
         dds.fit_LFC()
     times.append(t.seconds)
+memory.stop()
 lfc = dds.varm["LFC"]
 a = reorder(lfc.to_numpy().T, list(lfc.columns), meta["loc_names"])
 disp = dds.var["dispersions"].to_numpy(dtype=float)
@@ -45,7 +46,7 @@ with np.errstate(divide="ignore"):
 conv = dds.var["_LFC_converged"].to_numpy(dtype=float, na_value=0.0)
 write_result(
     spec, a, b, genes,
-    mem_before_fit_mb=mem_before_fit,
+    **memory.info(),
     fit_seconds_warm=min(times), fit_seconds_cold=times[0],
     converged_fraction=float(np.mean(conv > 0)),
     version=pydeseq2.__version__,

@@ -8,7 +8,7 @@ are per fitted gene; the runner extrapolates.
 
 import warnings
 
-from _common import Timer, hwm_mb, load_spec, read_problem, write_result
+from _common import FitMemory, Timer, load_spec, read_problem, write_result
 
 spec = load_spec()
 import numpy as np  # noqa: E402
@@ -24,7 +24,7 @@ a = np.full((p, len(genes)), np.nan)
 b = np.full(len(genes), np.nan)
 iters = np.full(len(genes), np.nan)
 conv = np.zeros(len(genes), dtype=bool)
-mem_before_fit = hwm_mb()
+memory = FitMemory().start()
 with Timer() as t:
     for k in range(len(genes)):
         y = counts[:, k]
@@ -46,9 +46,10 @@ with Timer() as t:
         b[k] = -np.log(alpha) if alpha > 0 else np.inf
         iters[k] = res.mle_retvals.get("iterations", res.mle_retvals.get("fcalls", np.nan))
         conv[k] = bool(res.mle_retvals.get("converged", False))
+memory.stop()
 write_result(
     spec, a, b, genes,
-    mem_before_fit_mb=mem_before_fit,
+    **memory.info(),
     fit_seconds_warm=t.seconds, fit_seconds_cold=t.seconds,
     n_steps=float(np.nanmean(iters)) if np.any(np.isfinite(iters)) else None,
     converged_fraction=float(np.mean(conv)),

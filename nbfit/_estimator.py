@@ -249,6 +249,8 @@ class Estimator:
                 self.n_steps[start:stop] += np.asarray(result.n_steps[:n])
                 self._converged[start:stop] = np.asarray(result.converged[:n])
                 self._stalled[start:stop] = np.asarray(result.done[:n] & ~result.converged[:n])
+                if getattr(self, "on_chunk", None) is not None:  # progress hook (nbfit._progress)
+                    self.on_chunk(method, start, stop)
         self._converged[self._all_zero] = True
         self._evaluation = None
         return self

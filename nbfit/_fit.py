@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from nbfit import _progress
 from nbfit._design import design_from_formula, design_from_matrix, normalise_as_numeric
 from nbfit._estimator import DTYPES, Estimator
 from nbfit._init import resolve_init
@@ -32,6 +33,9 @@ def fit(
     training_strategy="AUTO",
     quick_scale=False,
     dtype="float64",
+    client=None,
+    retries=2,
+    progress=None,
     **kwargs,
 ):
     """Fit a negative-binomial GLM to every gene by maximum likelihood.
@@ -42,8 +46,10 @@ def fit(
 
     Parameters
     ----------
-    data : AnnData, anndata Raw, ndarray or scipy.sparse matrix, shape (n_cells, n_genes)
+    data : AnnData, anndata Raw, ndarray, scipy.sparse or dask array, shape (n_cells, n_genes)
         Raw counts. An AnnData brings its ``obs`` (sample description) and ``var_names``.
+        Backed or lazy AnnData, dask arrays and paths of ``.h5ad`` files / ``.zarr`` stores
+        are read gene chunk by gene chunk (never whole); CSR is converted to CSC once.
     formula_loc : str
         Location model, e.g. ``"~1+condition+batch"``; not needed with ``dmat_loc``.
     formula_scale : str
@@ -76,6 +82,16 @@ def fit(
     quick_scale : bool
         Fit the scale once given the location instead of jointly (faster, approximate).
     dtype : {"float64", "float32"}
+    client : dask.distributed.Client or concurrent.futures.Executor, optional
+        Fit one gene chunk per task there (:mod:`nbfit.distributed`); the result is
+        identical to the local fit. On-disk counts are sent as reader specs (file and
+        gene range), in-memory counts chunk by chunk.
+    retries : int
+        With ``client``: how often a failed task is retried; a chunk that still fails
+        raises :class:`nbfit.distributed.ChunkError` naming its genes.
+    progress : bool, optional
+        Progress bar over gene chunks and solver stages; default (None): on in a terminal
+        or notebook, off otherwise (pipes, CI).
     **kwargs
         ``allow_noninteger=True`` accepts non-integer counts.
 
@@ -106,17 +122,28 @@ def fit(
     n_genes = counts.n_genes
     init_a = resolve_init(init_a, "init_a", (len(loc.reduced_names), n_genes))
     init_b = resolve_init(init_b, "init_b", (len(scale.reduced_names), n_genes))
-    estimator = Estimator(
-        counts,
-        loc,
-        scale,
-        size_factors=read_size_factors(size_factors, obs),
-        init_a=init_a,
-        init_b=init_b,
-        batch_size=batch_size,
-        dtype=dtype,
-    )
-    strategy(estimator)
+    if client is not None:  # one task per gene chunk on a cluster or an executor
+        from nbfit.distributed import fit_on_client
+
+        estimator = fit_on_client(
+            client, counts, loc, scale, size_factors=read_size_factors(size_factors, obs),
+            init_a=init_a, init_b=init_b, batch_size=batch_size, dtype=dtype,
+            training_strategy=training_strategy, quick_scale=quick_scale,
+            allow_noninteger=allow_noninteger, retries=retries, progress=progress,
+        )
+    else:
+        estimator = Estimator(
+            counts,
+            loc,
+            scale,
+            size_factors=read_size_factors(size_factors, obs),
+            init_a=init_a,
+            init_b=init_b,
+            batch_size=batch_size,
+            dtype=dtype,
+        )
+        with _progress.track(estimator, progress, training_strategy, quick_scale):
+            strategy(estimator)
     # Recorded for to_anndata / save (issue 6): how the fit was made, with which versions.
     estimator.fit_settings = describe_fit(
         formula_loc, formula_scale, as_numeric, size_factors, constraints_loc, constraints_scale,

@@ -3,11 +3,15 @@
 Everything here is plain numpy / scipy / pandas and is checked before anything is traced.
 """
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse
+
+from nbfit._storage import CellMajorWarning, GeneSource, is_streamable, open_path
 
 
 @dataclass(frozen=True)
@@ -16,8 +20,9 @@ class CountData:
 
     Attributes
     ----------
-    counts : ndarray or scipy.sparse.csc_matrix, shape (n_cells, n_genes)
-        Non-negative counts; sparse input is kept sparse (column-major for gene access).
+    counts : ndarray, scipy.sparse.csc_matrix or GeneSource, shape (n_cells, n_genes)
+        Non-negative counts; sparse input is kept sparse (column-major for gene access);
+        on-disk and dask input stays where it is and is read gene chunk by gene chunk.
     sample_description : DataFrame, shape (n_cells, n_covariates)
     gene_names : Index, shape (n_genes,)
     """
@@ -47,7 +52,8 @@ def read_counts(data, gene_names=None, sample_description=None, allow_noninteger
 
     Parameters
     ----------
-    data : AnnData, anndata Raw, ndarray or scipy.sparse matrix, shape (n_cells, n_genes)
+    data : AnnData (in memory, backed or lazy), anndata Raw, ndarray, scipy.sparse matrix,
+        dask array, shape (n_cells, n_genes), or the path of an .h5ad file / .zarr store
     gene_names : sequence of str, optional
         Overrides the names carried by ``data``.
     sample_description : DataFrame, optional
@@ -81,8 +87,21 @@ def read_counts(data, gene_names=None, sample_description=None, allow_noninteger
         raise ValueError(
             f"sample_description has {len(obs)} rows but data has {n_cells} cells (rows)."
         )
-    _check_values(counts, obs.index, names, allow_noninteger)
+    if isinstance(counts, GeneSource):  # streamed: each gene chunk is checked when first read
+        counts.set_check(_chunk_check(obs.index, names, allow_noninteger))
+    else:
+        _check_values(counts, obs.index, names, allow_noninteger)
     return CountData(counts, obs, names)
+
+
+def _chunk_check(cell_names, gene_names, allow_noninteger):
+    """``check(block, start, stop)`` of :meth:`GeneSource.set_check`: the checks of
+    :func:`_check_values` on one dense (cells, genes) block, naming its genes."""
+
+    def check(block, start, stop):
+        _check_values(block, cell_names, gene_names[start:stop], allow_noninteger)
+
+    return check
 
 
 def _unpack(data):
@@ -91,17 +110,25 @@ def _unpack(data):
         import anndata
     except ImportError:  # pragma: no cover - anndata is a dependency
         anndata = None
+    if isinstance(data, (str, os.PathLike)):  # an .h5ad file or .zarr store, read lazily
+        source, obs, var = open_path(data)
+        return source, var.index, obs
     if anndata is not None and isinstance(data, anndata.AnnData):
-        return _as_matrix(data.X), data.var_names, data.obs
+        obs = data.obs
+        if not isinstance(obs, pd.DataFrame) and hasattr(obs, "to_memory"):
+            obs = obs.to_memory()  # lazy AnnData (anndata.experimental.read_lazy)
+        return _as_matrix(data.X), data.var_names, obs
     if anndata is not None and isinstance(data, anndata.Raw):
         return _as_matrix(data.X), data.var_names, None
-    if scipy.sparse.issparse(data) or isinstance(data, np.ndarray):
+    if scipy.sparse.issparse(data) or isinstance(data, (np.ndarray, GeneSource)) \
+            or is_streamable(data):
         return _as_matrix(data), None, None
     if isinstance(data, pd.DataFrame):
         return _as_matrix(data.to_numpy()), data.columns, None
     raise TypeError(
-        f"data of type {type(data).__name__} is not supported: pass an AnnData, anndata Raw, "
-        "numpy array or scipy.sparse matrix of shape (cells, genes)."
+        f"data of type {type(data).__name__} is not supported: pass an AnnData (in memory, "
+        "backed or lazy), anndata Raw, numpy array, scipy.sparse matrix or dask array of shape "
+        "(cells, genes), or the path of an .h5ad file or .zarr store."
     )
 
 
@@ -109,7 +136,21 @@ def _as_matrix(x):
     """Dense ndarray or CSC matrix of shape (cells, genes)."""
     if x is None:
         raise ValueError("data has no count matrix (X is None).")
+    if isinstance(x, GeneSource):
+        return x
+    if is_streamable(x):  # on disk or dask: read gene chunk by gene chunk, never whole
+        return GeneSource(x)
     if scipy.sparse.issparse(x):
+        if x.format != "csc":
+            megabytes = 2 * x.data.nbytes / 2**20
+            warnings.warn(
+                f"data is a {x.format.upper()} sparse matrix: converting it once to CSC for "
+                f"gene access (a copy of about {megabytes:.0f} MiB and a sort of the nonzeros). "
+                "Pass CSC (X.tocsc()) to avoid it, or for files write a gene-major copy with "
+                "`nbfit prepare`.",
+                CellMajorWarning,
+                stacklevel=5,
+            )
         return scipy.sparse.csc_matrix(x)
     x = np.asarray(x)
     if x.ndim != 2:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
+from pathlib import Path
 
 _DEMO_FORMULA_LOC = "~1+log_umi"
 _DEMO_FORMULA_SCALE = "~1"
@@ -72,7 +74,66 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="genes per compiled chunk (bounds memory)")
     fit.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     fit.set_defaults(func=_cmd_fit)
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="write a gene-major (CSC) copy of an .h5ad/.zarr file, once, for fast gene access",
+        description=(
+            "Write the counts of IN (X, or --layer) with obs and var to OUT as a CSC matrix "
+            "(.h5ad, or .zarr with arrays chunked along the genes). Reading a gene chunk of a "
+            "cell-major (CSR or dense) file reads the whole matrix; of the copy, only its genes. "
+            "Nothing is densified: at most --max-memory of nonzeros is held at once."
+        ),
+    )
+    prepare.add_argument("input", metavar="IN", help="AnnData file (.h5ad) or store (.zarr)")
+    prepare.add_argument("output", metavar="OUT", help="output .h5ad or .zarr (must not exist)")
+    prepare.add_argument("--layer", default=None, metavar="NAME",
+                         help="take the counts from layers[NAME] instead of X")
+    prepare.add_argument("--max-memory", default="2GB", metavar="SIZE",
+                         help="nonzeros held at once, e.g. 2GB (default)")
+    prepare.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    prepare.set_defaults(func=_cmd_prepare)
     return parser
+
+
+#: Environment variable naming the JAX compilation cache folder of the command line
+#: (default ``$XDG_CACHE_HOME/nbfit/jax`` or ``~/.cache/nbfit/jax``); "0"/"off" disables it.
+CACHE_ENV = "NBFIT_JAX_CACHE_DIR"
+
+
+def compilation_cache_dir():
+    """The folder of the command line's persistent JAX compilation cache, or None (off)."""
+    setting = os.environ.get(CACHE_ENV)
+    if setting is not None:
+        if setting.strip().lower() in ("", "0", "off", "false", "no", "none"):
+            return None
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nbfit" / "jax"
+
+
+def enable_compilation_cache():
+    """Turn on JAX's persistent compilation cache for this process (the CLI only: the
+    library never changes JAX's configuration). A second run of the same shapes then
+    loads the compiled solvers instead of compiling them. Returns the folder or None.
+
+    A cache folder configured for JAX itself (``JAX_COMPILATION_CACHE_DIR``) wins.
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    folder = compilation_cache_dir()
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home: run without the cache
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # Cache every solver, not only those compiling for more than a second.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return folder
 
 
 class CommandError(ValueError):
@@ -116,6 +177,25 @@ def _read_h5ad(path):
         raise CommandError(f"could not read {path!r} as an .h5ad file: {error}") from None
 
 
+def _open_counts(path, layer):
+    """(GeneSource, obs, var) of an .h5ad file or .zarr store, the counts left on disk."""
+    from nbfit._storage import open_path
+
+    if not Path(path).exists():
+        raise CommandError(f"input file {path!r} does not exist.")
+    if Path(path).is_dir() and Path(path).suffix != ".zarr":
+        raise CommandError(f"input {path!r} is a folder, not an .h5ad file.")
+    try:
+        return open_path(path, layer)
+    except KeyError as error:
+        message = error.args[0] if error.args else str(error)
+        if layer is None:
+            raise CommandError(f"{message} Give --layer.") from None
+        raise CommandError(f"--layer {layer!r} is not a layer of {path}: {message}") from None
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error)) from None
+
+
 def _resolve_test(names, test):
     """Keyword arguments of ``wald`` for --test: a coefficient name or else a term."""
     from nbfit import inference
@@ -147,23 +227,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             f"{sorted(STRATEGIES)}."
         )
     report(f"reading {args.data}")
-    adata = _read_h5ad(args.data)
-    counts = adata.X
-    if args.layer is not None:
-        if args.layer not in adata.layers:
-            raise CommandError(f"--layer {args.layer!r} is not a layer of {args.data}; layers: "
-                               f"{list(adata.layers.keys())}.")
-        counts = adata.layers[args.layer]
-    if counts is None:
-        raise CommandError(f"{args.data} has no count matrix X; give --layer.")
-    report(f"{adata.n_obs} cells x {adata.n_vars} genes; formula_loc={args.formula_loc!r}, "
-           f"formula_scale={args.formula_scale!r}")
+    # The counts stay on disk and are read gene chunk by gene chunk; obs and var are read.
+    counts, obs, var = _open_counts(args.data, args.layer)
+    report(f"{counts.shape[0]} cells x {counts.shape[1]} genes ({counts.format}); "
+           f"formula_loc={args.formula_loc!r}, formula_scale={args.formula_scale!r}")
 
     test_options = None
     if args.test is not None:  # checked before fitting
         from nbfit._design import design_from_formula
 
-        names = design_from_formula(args.formula_loc, adata.obs, tuple(args.as_numeric)).names
+        names = design_from_formula(args.formula_loc, obs, tuple(args.as_numeric)).names
         test_options = _resolve_test(names, args.test)
     stages = STRATEGIES[args.training_strategy.upper()]
 
@@ -180,10 +253,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         formula_scale=args.formula_scale,
         as_numeric=args.as_numeric,
         size_factors=args.size_factors,
-        sample_description=adata.obs,
-        gene_names=adata.var_names,
+        sample_description=obs,
+        gene_names=var.index,
         batch_size=args.batch_size,
         training_strategy=strategy,
+        progress=False if args.quiet else None,
     )
     est.fit_settings["training_strategy"] = args.training_strategy.upper()
     table = est.to_dataframe()
@@ -203,9 +277,22 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         est.save(args.save)
         report(f"saved the fit to {args.save}")
     if args.write_h5ad is not None:
+        adata = _read_h5ad(args.data)  # the whole file, written back with the results
         est.to_anndata(adata, test=test)
         adata.write_h5ad(args.write_h5ad)
         report(f"wrote {args.write_h5ad}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nbfit._storage import prepare
+
+    report = _progress(args.quiet)
+    if not Path(args.input).exists():
+        raise CommandError(f"input {args.input!r} does not exist.")
+    prepare(args.input, args.output, layer=args.layer, max_memory=args.max_memory, report=report)
     return 0
 
 
@@ -246,10 +333,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``nbfit`` command line; return the process exit code."""
+def main(argv: list[str] | None = None, compilation_cache: bool | None = None) -> int:
+    """Run the ``nbfit`` command line; return the process exit code.
+
+    ``compilation_cache``: turn on JAX's persistent compilation cache
+    (:func:`enable_compilation_cache`) for ``fit`` and ``demo``; default: when run as a
+    command (``argv`` None, i.e. ``sys.argv``), not when called with arguments from Python.
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if compilation_cache is None:
+        compilation_cache = argv is None
+    if compilation_cache and args.command in ("fit", "demo"):
+        enable_compilation_cache()
     try:
         return int(args.func(args))
     except (ValueError, TypeError, NotImplementedError, KeyError, OSError) as exc:

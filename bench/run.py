@@ -414,8 +414,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     max_genes = parse_max_genes(args.max_genes)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (
-        argv if argv is not None else sys.argv[1:]))
+    command = ("python bench/run.py " + " ".join(shlex.quote(a) for a in (
+        argv if argv is not None else sys.argv[1:]))).strip()
     machine = machine_info()
     for name in args.problems:
         problem = P.get(name)

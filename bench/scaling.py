@@ -39,6 +39,23 @@ SERIES = {
 }
 
 
+def sized_series(cells=None, genes=None):
+    """The registry's series, or other sizes of the same problems (``--cells``/``--genes``):
+    cells N x 2,000 genes (nbfit's default chunking) and 10,000 cells x N genes (chunks of
+    500 genes). Registered problems are used where a size matches one."""
+    by_size = {(p.n_cells, p.n_genes, tag): p for tag in ("scaling_cells", "scaling_genes")
+               for p in P.with_tag(tag)}
+    base_cells, base_genes = P.get("cells_1k"), P.get("genes_2k")
+    out = {k: [P.get(n) for n in v] for k, v in SERIES.items()}
+    if cells:
+        out["cells"] = [by_size.get((n, 2_000, "scaling_cells"))
+                        or P.scaled(base_cells, name=f"cells_{n}", n_cells=n) for n in cells]
+    if genes:
+        out["genes"] = [by_size.get((10_000, n, "scaling_genes"))
+                        or P.scaled(base_genes, name=f"genes_{n}", n_genes=n) for n in genes]
+    return out
+
+
 def quick_series():
     base = P.get("cells_1k")
     return {
@@ -114,11 +131,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--series", nargs="+", default=["cells", "genes"],
                         choices=["cells", "genes"])
+    parser.add_argument("--cells", nargs="+", type=int, default=None, metavar="N",
+                        help="cell counts of the cells series (default 1000 10000 100000)")
+    parser.add_argument("--genes", nargs="+", type=int, default=None, metavar="N",
+                        help="gene counts of the genes series (default 2000 20000)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds per point (one fresh nbfit process, two fits)")
     args = parser.parse_args(argv)
-    series = quick_series() if args.quick else {k: [P.get(n) for n in v]
-                                                  for k, v in SERIES.items()}
+    series = quick_series() if args.quick else sized_series(args.cells, args.genes)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, slopes = [], {}
     for axis in args.series:

@@ -109,7 +109,7 @@ def plot(frame, axis, path):
     left.set_ylabel("seconds")
     left.legend(fontsize=8)
     left.set_title(f"nbfit time vs {axis}")
-    right.loglog(x, frame["peak_mem_mb"], "o-", label="peak RSS of the process")
+    right.loglog(x, frame["peak_mem_mb"], "o-", label="peak RSS over the fits")
     right.loglog(x, frame["data_mb"], "s--", label="dense float64 counts")
     right.set_xlabel(size.replace("n_", "number of "))
     right.set_ylabel("MiB")

@@ -42,8 +42,8 @@ class CountData:
     def gene_chunk(self, start, stop):
         """Dense counts of genes ``start:stop``, shape (stop - start, n_cells), float64."""
         block = self.counts[:, start:stop]
-        if scipy.sparse.issparse(block):
-            block = block.toarray()
+        if scipy.sparse.issparse(block):  # column-major: the transpose below is then free
+            block = block.astype(np.float64).toarray(order="F")
         return np.ascontiguousarray(np.asarray(block, dtype=np.float64).T)
 
 

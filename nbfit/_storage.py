@@ -148,8 +148,8 @@ class GeneSource:
     def read(self, start, stop):
         """Dense float64 counts of genes ``start:stop``, shape (n_cells, stop - start)."""
         block = self.read_raw(start, stop)
-        if scipy.sparse.issparse(block):
-            block = block.toarray()
+        if scipy.sparse.issparse(block):  # column-major: gene_chunk's transpose is free
+            block = block.astype(np.float64).toarray(order="F")
         block = np.asarray(block, dtype=np.float64)
         if self._check is not None and (start, stop) not in self._checked:
             self._check(block, start, stop)

@@ -25,6 +25,7 @@ import concurrent.futures
 import copy
 import sys
 import uuid
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -301,7 +302,12 @@ class _DaskRunner:
                 fn, args = tasks[k]
                 args = tuple(self._materialise(a) for a in args)
                 key = f"nbfit-{label}-{k}-{self.token}"
-                future = self.client.submit(fn, *args, key=key, retries=self.retries, pure=False)
+                with warnings.catch_warnings():
+                    # An in-memory chunk travels inside its task (not scattered), so that
+                    # the scheduler can resend it if the worker holding it dies.
+                    warnings.filterwarnings("ignore", message="Large object of size")
+                    future = self.client.submit(fn, *args, key=key, retries=self.retries,
+                                                pure=False)
                 pending[future] = k
             done = distributed.wait(list(pending), return_when="FIRST_COMPLETED").done
             for future in done:
@@ -321,9 +327,6 @@ class _DaskRunner:
         """A dask-array chunk input becomes a future of its computed value (lazily)."""
         if isinstance(value, _DaskChunk):
             return self.client.compute(value.array)
-        if isinstance(value, _MemoryChunk) and value.nbytes > 2**20:
-            [future] = self.client.scatter([value.block], hash=False)
-            return future
         if isinstance(value, _MemoryChunk):
             return value.block
         return value

@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 
-from nbfit import _loop
+from nbfit import _devices, _loop
 from nbfit._design import DesignGroups
 from nbfit._histogram import count_histogram, n_distinct
 from nbfit._init import init_location, init_scale
 from nbfit._likelihood import LOG_R_CAP
 from nbfit._problem import Problem
-from nbfit._status import STATUS_NAMES, Status, assign_status
+from nbfit._status import STATUS_NAMES, Status, assign_status, inverse_if_definite
 from nbfit._strategy import default_max_steps, make_solver
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
@@ -148,6 +148,8 @@ class Estimator:
         self._reduced_scale = scale.design.matrix @ scale.constraints
         n_genes = data.n_genes
         self.batch_size = _resolve_batch_size(batch_size, data.n_cells, n_genes)
+        # Rows of a compiled chunk: batch_size padded to a multiple of the device count.
+        self._chunk_rows = -(-self.batch_size // _devices.n_devices()) * _devices.n_devices()
         self._scale_groups = DesignGroups(self._reduced_scale)
         self._histogram_size = 1
         p_loc, p_scale = self._reduced_loc.shape[1], self._reduced_scale.shape[1]
@@ -201,19 +203,20 @@ class Estimator:
         dtype = DTYPES[self.dtype]
         groups = self._scale_groups
         shared = dict(
-            design_loc=jnp.asarray(self._reduced_loc, dtype),
-            design_scale=jnp.asarray(self._reduced_scale, dtype),
-            scale_rows=jnp.asarray(groups.rows, dtype),
-            log_size_factors=jnp.asarray(self.log_size_factors, dtype),
+            design_loc=self._reduced_loc,
+            design_scale=self._reduced_scale,
+            scale_rows=groups.rows,
+            log_size_factors=self.log_size_factors,
         )
+        shared = {name: _devices.put_shared(value.astype(dtype)) for name, value in shared.items()}
         for start, stop in self._chunks():
-            counts = _pad_rows(self.data.gene_chunk(start, stop), self.batch_size)
+            counts = _pad_rows(self.data.gene_chunk(start, stop), self._chunk_rows)
             histogram = count_histogram(counts, groups.inverse, len(groups.rows), self._histogram_size)
             yield start, stop, Problem(
-                counts=jnp.asarray(counts, dtype),
-                histogram_values=jnp.asarray(histogram.values, dtype),
-                histogram_groups=jnp.asarray(histogram.groups),
-                histogram_weights=jnp.asarray(histogram.weights, dtype),
+                counts=_devices.put_genes(counts.astype(dtype)),
+                histogram_values=_devices.put_genes(histogram.values.astype(dtype)),
+                histogram_groups=_devices.put_genes(histogram.groups),
+                histogram_weights=_devices.put_genes(histogram.weights.astype(dtype)),
                 **shared,
             )
 
@@ -241,8 +244,8 @@ class Estimator:
         dtype = DTYPES[self.dtype]
         with self._precision():
             for start, stop, problem in self._problems():
-                theta = jnp.asarray(_pad_rows(self._theta[start:stop], self.batch_size), dtype)
-                skip = jnp.asarray(_pad_rows(self._all_zero[start:stop], self.batch_size, True))
+                theta = _devices.put_genes(_pad_rows(self._theta[start:stop], self._chunk_rows).astype(dtype))
+                skip = _devices.put_genes(_pad_rows(self._all_zero[start:stop], self._chunk_rows, True))
                 result = _loop.run_stage(solver, theta, skip, problem, max_steps)
                 n = stop - start
                 self._theta[start:stop] = np.asarray(result.theta[:n], dtype=np.float64)
@@ -272,9 +275,9 @@ class Estimator:
         groups = self._scale_groups
         indicator = groups.indicator if groups.usable else np.zeros((self.data.n_cells, 0))
         with self._precision():
-            scale_groups = jnp.asarray(indicator, dtype)
+            scale_groups = _devices.put_shared(indicator.astype(dtype))
             for start, stop, problem in self._problems():
-                theta = jnp.asarray(_pad_rows(self._theta[start:stop], self.batch_size), dtype)
+                theta = _devices.put_genes(_pad_rows(self._theta[start:stop], self._chunk_rows).astype(dtype))
                 result = _loop.evaluate(theta, problem, scale_groups)
                 n = stop - start
                 ll[start:stop] = np.asarray(result.log_likelihood[:n])
@@ -328,13 +331,8 @@ class Estimator:
 
         NaN for genes whose information is singular or not finite.
         """
-        hessian = self.hessian
-        status = self.status
-        invertible = ~np.isin(status, [Status.singular.name, Status.nonfinite.name, Status.all_zero.name])
-        result = np.full_like(hessian, np.nan)
-        if np.any(invertible):
-            result[invertible] = np.linalg.inv(-hessian[invertible])
-        return result
+        usable = ~np.isin(self.status, [Status.singular.name, Status.nonfinite.name, Status.all_zero.name])
+        return inverse_if_definite(-self.hessian, usable)
 
     @property
     def fisher_inv_full(self):

@@ -11,10 +11,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from nbfit import _problem
+from nbfit import _devices, _problem
 from nbfit._likelihood import log_likelihood_constant
-from nbfit._problem import PROBLEM_AXES
+from nbfit._problem import PROBLEM_AXES, Problem
 
 
 class StageResult(NamedTuple):
@@ -44,9 +45,8 @@ MIN_COMPACT = 64
 
 
 class _Carry(NamedTuple):
-    """Loop state of a chunk; all fields but ``step`` have the genes as first axis."""
+    """Loop state of a chunk; every field has the genes as first axis."""
 
-    step: jax.Array
     theta: jax.Array
     state: object
     done: jax.Array
@@ -57,44 +57,65 @@ class _Carry(NamedTuple):
 @partial(jax.jit, static_argnames=("solver",))
 def _start(solver, theta, skip, problem):
     state = jax.vmap(solver.init, in_axes=(0, PROBLEM_AXES))(theta, problem)
-    zeros = jnp.zeros(theta.shape[0], jnp.int32)
-    return _Carry(jnp.zeros((), jnp.int32), theta, state, skip, zeros, skip)
+    return _Carry(theta, state, skip, jnp.zeros(theta.shape[0], jnp.int32), skip)
 
 
-@partial(jax.jit, static_argnames=("solver",))
-def _advance(solver, carry, problem, max_steps, min_running):
-    """Step every running gene until ``max_steps`` or until at most ``min_running`` run."""
+def _running(carry, max_steps):
+    """Genes that are not done and below ``max_steps``."""
+    return ~carry.done & (carry.n_steps < max_steps)
+
+
+def _advance_local(solver, carry, problem, max_steps, min_running):
+    """Step the running genes of ``carry`` until at most ``min_running`` of them run."""
     step = jax.vmap(solver.step, in_axes=(0, 0, PROBLEM_AXES))
 
     def cond(carry):
-        running = jnp.sum(~carry.done)
-        return (carry.step < max_steps) & (running > min_running)
+        return jnp.sum(_running(carry, max_steps)) > min_running
 
     def body(carry):
-        done = carry.done
+        moving = _running(carry, max_steps)
         new_theta, new_state, new_done, new_converged = step(carry.theta, carry.state, problem)
 
         def keep(old, new):
-            mask = done.reshape(done.shape + (1,) * (old.ndim - 1))
-            return jnp.where(mask, old, new)
+            mask = moving.reshape(moving.shape + (1,) * (old.ndim - 1))
+            return jnp.where(mask, new, old)
 
         return _Carry(
-            step=carry.step + 1,
             theta=keep(carry.theta, new_theta),
             state=jax.tree_util.tree_map(keep, carry.state, new_state),
-            done=done | new_done,
-            n_steps=carry.n_steps + (~done).astype(jnp.int32),
-            converged=jnp.where(done, carry.converged, new_converged),
+            done=carry.done | (moving & new_done),
+            n_steps=carry.n_steps + moving.astype(jnp.int32),
+            converged=jnp.where(moving, new_converged, carry.converged),
         )
 
     return jax.lax.while_loop(cond, body, carry)
 
 
+@partial(jax.jit, static_argnames=("solver", "max_steps", "min_running"))
+def _advance(solver, carry, problem, max_steps, min_running):
+    """:func:`_advance_local` on each device's share of the genes, independently.
+
+    With several local devices the genes are split over them (``shard_map``) and each
+    device runs its own loop, without communication: ``min_running`` is then per device.
+    """
+    mesh = _devices.mesh()
+    if mesh is None:
+        return _advance_local(solver, carry, problem, max_steps, min_running)
+    genes, shared = P("genes"), P()
+    carry_specs = jax.tree_util.tree_map(lambda _: genes, carry)
+    problem_specs = Problem(*(genes if axis == 0 else shared for axis in PROBLEM_AXES))
+    local = partial(_advance_local, solver, max_steps=max_steps, min_running=min_running // mesh.size)
+    return jax.shard_map(local, mesh=mesh, in_specs=(carry_specs, problem_specs), out_specs=carry_specs,
+                         check_vma=False)(
+        carry, problem
+    )
+
+
 def run_stage(solver, theta, skip, problem, max_steps):
     """Run ``solver`` on every gene of a chunk until each is done or ``max_steps`` is hit.
 
-    Every gene follows the same trajectory whatever chunk it is in: compaction only
-    moves running genes (with their solver state) into a smaller chunk.
+    Every gene follows the same trajectory whatever chunk or device it is in: compaction
+    only moves running genes (with their solver state) into a smaller chunk.
 
     Parameters
     ----------
@@ -113,28 +134,33 @@ def run_stage(solver, theta, skip, problem, max_steps):
     """
     carry = _start(solver, theta, skip, problem)
     size = theta.shape[0]
-    if size < 4 * MIN_COMPACT:
-        carry = _advance(solver, carry, problem, max_steps, 0)
-        return StageResult(carry.theta, carry.n_steps, carry.converged, carry.done)
-    result = jax.tree_util.tree_map(np.array, carry)
+    devices = _devices.n_devices()
+    result = None
     index = np.arange(size)  # chunk row of each gene of the current (sub)chunk
     while True:
-        target = size // 4 if size // 4 >= MIN_COMPACT else 0
+        target = size // 4 // devices * devices  # each device keeps an equal share
+        if target < MIN_COMPACT:
+            target = 0
         carry = _advance(solver, carry, problem, max_steps, target)
-        running = np.flatnonzero(~np.asarray(carry.done))
-        finished = int(carry.step) >= max_steps or running.size == 0 or target == 0
+        if result is None and target == 0:
+            return StageResult(carry.theta, carry.n_steps, carry.converged, carry.done)
+        if result is None:
+            result = jax.tree_util.tree_map(np.array, carry)
+        running = np.flatnonzero(np.asarray(_running(carry, max_steps)))
         _scatter(result, carry, index)
-        if finished:
+        if running.size == 0 or target == 0:
             break
         # Gather the running genes into a chunk of size // 4, padded with done genes.
         size = target
         rows = np.concatenate([running, np.full(size - running.size, running[0])])
         padding = np.arange(size) >= running.size
-        carry = jax.tree_util.tree_map(lambda x: x[rows] if np.ndim(x) else x, carry)
+        carry = jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], carry)
         carry = carry._replace(done=carry.done | padding, converged=carry.converged | padding)
-        problem = problem._replace(
-            **{name: getattr(problem, name)[rows] for name, axis in PROBLEM_AXES._asdict().items() if axis == 0}
-        )
+        carry = jax.tree_util.tree_map(_devices.put_genes, carry)
+        problem = problem._replace(**{
+            name: _devices.put_genes(np.asarray(getattr(problem, name))[rows])
+            for name, axis in PROBLEM_AXES._asdict().items() if axis == 0
+        })
         index = np.where(padding, -1, index[rows])
     return StageResult(result.theta, result.n_steps, result.converged, result.done)
 

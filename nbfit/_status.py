@@ -66,3 +66,32 @@ def assign_status(all_zero, converged, stalled, evaluation_finite, min_eta_mean_
     status[~evaluation_finite] = Status.nonfinite.name
     status[all_zero] = Status.all_zero.name
     return status
+
+
+def inverse_if_definite(matrices, usable):
+    """Inverse of each symmetric positive definite matrix, NaN for the others.
+
+    Parameters
+    ----------
+    matrices : ndarray, shape (n_genes, P, P)
+        Symmetric matrices (e.g. the observed information ``-H``).
+    usable : ndarray of bool, shape (n_genes,)
+        Genes to invert at all (False: NaN whatever the matrix).
+
+    Returns
+    -------
+    ndarray, shape (n_genes, P, P)
+        ``inv(M)`` through the eigendecomposition where every eigenvalue exceeds
+        ``SINGULAR_RCOND`` times the largest and the matrix is finite; NaN elsewhere.
+    """
+    matrices = np.asarray(matrices, np.float64)
+    result = np.full_like(matrices, np.nan)
+    ok = np.asarray(usable, bool) & np.all(np.isfinite(matrices), axis=(1, 2))
+    if not np.any(ok):
+        return result
+    values, vectors = np.linalg.eigh(matrices[ok])
+    definite = values.min(axis=1) > SINGULAR_RCOND * np.abs(values).max(axis=1)
+    inverse = np.einsum("gij,gj,gkj->gik", vectors, 1.0 / np.where(values > 0, values, 1.0), vectors)
+    inverse[~definite] = np.nan
+    result[ok] = inverse
+    return result

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from nbfit._status import inverse_if_definite
+
 #: Statuses without a valid Wald test: not at an optimum (max_steps, stalled, nonfinite),
 #: no finite MLE (separated, all_zero) or a singular information matrix.
 WALD_UNTESTABLE = ("singular", "nonfinite", "all_zero", "separated", "max_steps", "stalled")
@@ -200,10 +202,7 @@ def covariance(result, fixed_scale=False, full=False):
     p = h_loc.shape[1]
     block = -np.asarray(result.hessian)[:, :p, :p]
     status = np.asarray(result.status).astype(str)
-    ok = ~np.isin(status, ["singular", "nonfinite", "all_zero"]) & _positive_definite(block)
-    cov = np.full_like(block, np.nan)
-    if np.any(ok):
-        cov[ok] = np.linalg.inv(block[ok])
+    cov = inverse_if_definite(block, ~np.isin(status, ["singular", "nonfinite", "all_zero"]))
     if full:
         cov = np.einsum("ij,gjk,lk->gil", h_loc, cov, h_loc)
     return cov

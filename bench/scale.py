@@ -118,7 +118,7 @@ def main(argv=None):
     parser.add_argument("--cells", type=int, default=200_000)
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--batch-sizes", nargs="+", default=["default", "25"],
-                        help="genes per chunk of each fit ('default': nbfit's, ~2**25 counts "
+                        help="genes per chunk of each fit ('default': nbfit's, <= 2**22 counts "
                              "per chunk); one fit per value")
     parser.add_argument("--workdir", default=str(HERE / "work" / "scale"))
     parser.add_argument("--out", default=str(HERE / "results" / "scale.md"))

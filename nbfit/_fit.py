@@ -74,7 +74,8 @@ def fit(
         Multiplicative per-cell factors (an offset ``log sf`` on the location), or the name
         of a sample-description column holding them.
     batch_size : int, optional
-        Genes per compiled chunk. Bounds memory; never changes results.
+        Genes per compiled chunk. Bounds memory; never changes results. Default: equal
+        chunks of at most 2**22 counts (genes x cells) each.
     training_strategy : str, callable or list of dict
         "AUTO"/"DEFAULT"/"NEWTON"/"NR" (joint Newton), "EXACT" (Newton, tighter
         tolerance), "IRLS", "QUICK" (IRLS, loose tolerance), "LBFGS"; or

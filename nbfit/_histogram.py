@@ -30,19 +30,56 @@ class CountHistogram(NamedTuple):
     weights: np.ndarray
 
 
-def _sorted_keys(counts, cell_groups, n_groups):
-    """Row-sorted keys ``count * n_groups + group`` and the mask of first occurrences."""
-    keys = counts * n_groups + cell_groups[None, :]
-    keys.sort(axis=1)
-    first = np.ones(keys.shape, dtype=bool)
-    first[:, 1:] = keys[:, 1:] != keys[:, :-1]
-    return keys, first
+#: Counts below this are tallied with ``bincount`` (O(cells)); the rare larger ones are
+#: sorted.
+SMALL_COUNT = 128
+#: Genes are processed in blocks of about this many counts (cache-sized temporaries).
+BLOCK = 2**18
+
+
+def _distinct_pairs(counts, cell_groups, n_groups):
+    """Distinct (count, group) pairs of every gene with their multiplicities.
+
+    Returns
+    -------
+    genes, values, groups, weights : ndarray, shape (n_entries,)
+        Gene (row of ``counts``), count, scale group and number of cells of each distinct
+        pair, ordered by gene.
+    """
+    n_genes, n_cells = counts.shape
+    step = max(1, BLOCK // max(1, n_cells))
+    parts = [_block_pairs(counts[start:start + step], cell_groups, n_groups) for start in range(0, n_genes, step)]
+    genes = np.concatenate([part[0] + start for part, start in zip(parts, range(0, n_genes, step))] or [[]])
+    keys = np.concatenate([part[1] for part in parts] or [[]]).astype(np.int64)
+    weights = np.concatenate([part[2] for part in parts] or [[]])
+    return genes.astype(np.int64), keys // n_groups, keys % n_groups, weights
+
+
+def _block_pairs(counts, cell_groups, n_groups):
+    """(gene, key = count * n_groups + group, weight) of the distinct pairs of a block."""
+    n_genes = counts.shape[0]
+    key = counts.astype(np.int64) * n_groups + cell_groups[None, :]
+    width = SMALL_COUNT * n_groups
+    row = np.arange(n_genes, dtype=np.int64)[:, None]
+    small = key < width
+    table = np.bincount((key + row * width)[small], minlength=n_genes * width).reshape(n_genes, width)
+    genes, keys = np.nonzero(table)
+    weights = table[genes, keys]
+    if not small.all():
+        span = int(key.max()) + 1
+        large, large_weights = np.unique((key + row * span)[~small], return_counts=True)
+        genes = np.concatenate([genes, large // span])
+        keys = np.concatenate([keys, large % span])
+        weights = np.concatenate([weights, large_weights])
+        order = np.argsort(genes, kind="stable")
+        genes, keys, weights = genes[order], keys[order], weights[order]
+    return genes, keys, weights
 
 
 def n_distinct(counts, cell_groups, n_groups):
     """Number of distinct (count, group) pairs of each gene, shape (n_genes,)."""
-    _, first = _sorted_keys(counts, cell_groups, n_groups)
-    return first.sum(axis=1)
+    genes = _distinct_pairs(counts, cell_groups, n_groups)[0]
+    return np.bincount(genes, minlength=counts.shape[0])
 
 
 def count_histogram(counts, cell_groups, n_groups, size):
@@ -58,18 +95,17 @@ def count_histogram(counts, cell_groups, n_groups, size):
     size : int
         Padded number of entries; at least the largest :func:`n_distinct`.
     """
-    n_genes, n_cells = counts.shape
-    keys, first = _sorted_keys(counts, cell_groups, n_groups)
-    slot = np.cumsum(first, axis=1) - 1
-    if n_genes and slot[:, -1].max() >= size:
-        raise ValueError(f"histogram size {size} is smaller than {slot[:, -1].max() + 1} distinct counts.")
-    flat = (np.arange(n_genes)[:, None] * size + slot).ravel()
-    weights = np.bincount(flat, minlength=n_genes * size).reshape(n_genes, size).astype(np.float64)
-    genes, _ = np.nonzero(first)
-    unique = keys[first]
-    positions = slot[first]
-    values = np.zeros((n_genes, size))
-    groups = np.zeros((n_genes, size), dtype=np.int32)
-    values[genes, positions] = np.floor(unique / n_groups)
-    groups[genes, positions] = np.round(unique - values[genes, positions] * n_groups).astype(np.int32)
-    return CountHistogram(values, groups, weights)
+    n_genes = counts.shape[0]
+    genes, values, groups, weights = _distinct_pairs(counts, cell_groups, n_groups)
+    per_gene = np.bincount(genes, minlength=n_genes)
+    if n_genes and per_gene.max() > size:
+        raise ValueError(f"histogram size {size} is smaller than {per_gene.max()} distinct counts.")
+    starts = np.concatenate([[0], np.cumsum(per_gene)[:-1]])
+    slots = np.arange(genes.size) - starts[genes]
+    histogram = CountHistogram(
+        np.zeros((n_genes, size)), np.zeros((n_genes, size), np.int32), np.zeros((n_genes, size))
+    )
+    histogram.values[genes, slots] = values
+    histogram.groups[genes, slots] = groups
+    histogram.weights[genes, slots] = weights
+    return histogram

@@ -386,3 +386,48 @@ def test_location_at_fixed_dispersion_matches_statsmodels():
         assert result.converged
         np.testing.assert_allclose(est.a_var[:, j], result.params, rtol=0, atol=STATSMODELS_ATOL,
                                    err_msg=f"gene {j} (r = {r[j]})")
+
+
+def test_count_histogram_matches_a_tally_of_every_gene(monkeypatch):
+    """Distinct (count, group) pairs and multiplicities, small counts (bincount) and large
+    ones (sorted) alike, over several gene blocks."""
+    from nbfit import _histogram
+
+    monkeypatch.setattr(_histogram, "BLOCK", 300)  # blocks of 5 genes of 60 cells
+    rng = np.random.default_rng(5)
+    counts = rng.negative_binomial(0.7, 0.7 / (0.7 + np.exp(rng.uniform(-3, 7, (23, 1)))), (23, 60))
+    counts[3, :4] = 10**7
+    counts[-1] = 0
+    groups = rng.integers(0, 3, 60)
+    distinct = _histogram.n_distinct(counts.astype(float), groups, 3)
+    histogram = count_histogram(counts.astype(float), groups, 3, int(distinct.max()) + 2)
+    for gene in range(counts.shape[0]):
+        pairs, weights = np.unique(np.stack([counts[gene], groups]), axis=1, return_counts=True)
+        kept = histogram.weights[gene] > 0
+        assert kept.sum() == distinct[gene] == len(weights)
+        got = sorted(zip(histogram.values[gene][kept], histogram.groups[gene][kept], histogram.weights[gene][kept]))
+        assert got == sorted(zip(pairs[0].astype(float), pairs[1], weights.astype(float)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 9])
+def test_jacobi_eigen_matches_lapack(n):
+    """Cyclic Jacobi (used instead of LAPACK syevd under vmap) on ill-conditioned and
+    indefinite symmetric matrices: reconstruction, orthogonality and eigenvalues to rounding."""
+    from nbfit._solvers._common import symmetric_eigen
+
+    rng = np.random.default_rng(n)
+    matrices = []
+    for _ in range(50):
+        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        values = rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-14, 4, n)
+        matrices.append((q * values) @ q.T)
+    matrices = np.array([(m + m.T) / 2 for m in matrices])
+    with jax.enable_x64(True):
+        values, vectors = jax.jit(jax.vmap(symmetric_eigen))(jnp.asarray(matrices))
+    values, vectors = np.asarray(values), np.asarray(vectors)
+    scale = np.abs(matrices).max(axis=(1, 2))[:, None, None]
+    rebuilt = np.einsum("gij,gj,gkj->gik", vectors, values, vectors)
+    assert np.all(np.abs(rebuilt - matrices) / scale < 1e-13)
+    assert np.abs(np.einsum("gji,gjk->gik", vectors, vectors) - np.eye(n)).max() < 1e-13
+    np.testing.assert_allclose(np.sort(values, axis=1), np.linalg.eigvalsh(matrices),
+                               atol=1e-13 * scale.max(), rtol=0)

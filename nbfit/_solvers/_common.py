@@ -8,6 +8,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nbfit import _devices
+
 #: Sufficient-increase constant of the Armijo line search.
 ARMIJO = 1e-4
 #: Step halvings before a line search gives up.
@@ -61,10 +63,93 @@ def ascent_direction(grad, hess, free):
     both = free[:, None] & free[None, :]
     neg_hess = jnp.where(both, -hess, jnp.eye(n, dtype=hess.dtype))
     grad = jnp.where(free, grad, 0.0)
-    eigenvalues, eigenvectors = jnp.linalg.eigh(neg_hess)
+    # LAPACK on one device; Jacobi when chunks are split over several (see symmetric_eigen).
+    eigh = symmetric_eigen if _devices.n_devices() > 1 else jnp.linalg.eigh
+    eigenvalues, eigenvectors = eigh(neg_hess)
     magnitude = jnp.abs(eigenvalues)
     floor = 100.0 * jnp.finfo(hess.dtype).eps * jnp.max(magnitude) + jnp.finfo(hess.dtype).tiny
     return eigenvectors @ ((eigenvectors.T @ grad) / jnp.maximum(magnitude, floor))
+
+
+#: Jacobi sweeps stop once the off-diagonal mass is below this many epsilons of the
+#: matrix's norm (or after ``MAX_SWEEPS``; cyclic Jacobi converges quadratically).
+JACOBI_EPS = 1.0
+MAX_SWEEPS = 30
+
+
+def symmetric_eigen(matrix):
+    """Eigenvalues and eigenvectors of a small symmetric matrix by cyclic Jacobi rotations.
+
+    Written in elementwise and matrix-product operations only, so that under vmap it is
+    one fused computation over all genes: jaxlib's batched LAPACK ``syevd`` splits a
+    large batch over the intra-op thread pool, which deadlocks when several forced CPU
+    devices run their shards on that pool at once.
+
+    Parameters
+    ----------
+    matrix : Array, shape (P, P)
+
+    Returns
+    -------
+    eigenvalues : Array, shape (P,)
+        Unsorted.
+    eigenvectors : Array, shape (P, P)
+        Orthonormal columns: ``matrix = V diag(eigenvalues) V^T``.
+    """
+    n = matrix.shape[0]
+    if n == 1:
+        return matrix[0], jnp.ones_like(matrix)
+    p_index, q_index = jnp.triu_indices(n, 1)
+    identity = jnp.eye(n, dtype=matrix.dtype)
+    tolerance = JACOBI_EPS * jnp.finfo(matrix.dtype).eps * jnp.sqrt(jnp.sum(matrix * matrix))
+
+    def rotate(k, carry):
+        a, v = carry
+        e_p = jnp.arange(n) == p_index[k]
+        e_q = jnp.arange(n) == q_index[k]
+        # Rows p and q of a and v (as masked sums: no gathers, no small matmuls).
+        a_p, a_q = _pick(a, e_p), _pick(a, e_q)
+        a_pq, a_pp, a_qq = _pick(a_p, e_q), _pick(a_p, e_p), _pick(a_q, e_q)
+        nonzero = a_pq != 0
+        ratio = (a_qq - a_pp) / jnp.where(nonzero, 2.0 * a_pq, 1.0)
+        t = jnp.where(ratio >= 0, 1.0, -1.0) / (jnp.abs(ratio) + jnp.sqrt(ratio * ratio + 1.0))
+        t = jnp.where(nonzero, t, 0.0)
+        c = 1.0 / jnp.sqrt(t * t + 1.0)
+        s = t * c
+        # a <- J^T a J with J = I + (c - 1)(e_p e_p^T + e_q e_q^T) + s (e_p e_q^T - e_q e_p^T).
+        def rotate_rows(m, row_p, row_q):
+            return _set_rows(m, e_p, e_q, c * row_p - s * row_q, s * row_p + c * row_q)
+
+        a = rotate_rows(a, a_p, a_q).T  # J^T a, transposed: its columns as rows
+        a = rotate_rows(a, _pick(a, e_p), _pick(a, e_q)).T
+        v = v.T
+        v = rotate_rows(v, _pick(v, e_p), _pick(v, e_q)).T
+        return a, v
+
+    def off_diagonal(a):
+        return jnp.sqrt(jnp.sum(jnp.where(identity > 0, 0.0, a * a)))
+
+    def cond(carry):
+        a, _, sweeps = carry
+        return (off_diagonal(a) > tolerance) & (sweeps < MAX_SWEEPS)
+
+    def sweep(carry):
+        a, v, sweeps = carry
+        a, v = jax.lax.fori_loop(0, p_index.shape[0], rotate, (a, v))
+        return a, v, sweeps + 1
+
+    a, v, _ = jax.lax.while_loop(cond, sweep, (matrix, identity, 0))
+    return jnp.diagonal(a), v
+
+
+def _pick(a, mask):
+    """Row ``mask`` (one-hot, shape (P,)) of ``a`` (shape (P, ...))."""
+    return jnp.sum(jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, 0.0), axis=0)
+
+
+def _set_rows(a, e_p, e_q, row_p, row_q):
+    """``a`` (P, P) with rows p and q (one-hot masks) replaced."""
+    return jnp.where(e_p[:, None], row_p[None, :], jnp.where(e_q[:, None], row_q[None, :], a))
 
 
 class LineSearchResult(NamedTuple):

@@ -2,10 +2,12 @@
 
 The gene axis of every per-gene array is sharded over all local devices of the default
 backend (a 1-d mesh named ``genes``); designs and other shared arrays are replicated.
-jit then partitions each solver stage over the devices; every gene is computed exactly
-as on one device. On a CPU, JAX shows one device unless the process starts with
+Each solver loop runs on every device's share on its own (``shard_map`` in
+:mod:`nbfit._loop`); the evaluation is partitioned by jit. On a CPU, JAX shows one device unless the process starts with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (one device per core to use).
 """
+
+import functools
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ def n_devices():
     return jax.local_device_count()
 
 
+@functools.cache
 def mesh():
     """1-d mesh ``genes`` over the local devices, or None with a single device."""
     if n_devices() == 1:

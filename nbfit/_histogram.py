@@ -48,11 +48,14 @@ def _distinct_pairs(counts, cell_groups, n_groups):
     """
     n_genes, n_cells = counts.shape
     step = max(1, BLOCK // max(1, n_cells))
-    parts = [_block_pairs(counts[start:start + step], cell_groups, n_groups) for start in range(0, n_genes, step)]
-    genes = np.concatenate([part[0] + start for part, start in zip(parts, range(0, n_genes, step))] or [[]])
-    keys = np.concatenate([part[1] for part in parts] or [[]]).astype(np.int64)
-    weights = np.concatenate([part[2] for part in parts] or [[]])
-    return genes.astype(np.int64), keys // n_groups, keys % n_groups, weights
+    genes, keys, weights = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, n_genes, step):
+        block_genes, block_keys, block_weights = _block_pairs(counts[start:start + step], cell_groups, n_groups)
+        genes.append(block_genes + start)
+        keys.append(block_keys)
+        weights.append(block_weights)
+    keys = np.concatenate(keys)
+    return np.concatenate(genes), keys // n_groups, keys % n_groups, np.concatenate(weights)
 
 
 def _block_pairs(counts, cell_groups, n_groups):

@@ -308,7 +308,7 @@ def test_second_cli_run_loads_compiled_solvers_from_the_cache(files, tmp_path):
 # --------------------------------------------------------------------------- local devices
 
 _SHARDED_FIT = textwrap.dedent("""
-    import json, sys
+    import sys
     import jax, numpy as np
     import nbfit
     from nbfit import _loop

@@ -80,8 +80,8 @@ MAX_SWEEPS = 30
 def symmetric_eigen(matrix):
     """Eigenvalues and eigenvectors of a small symmetric matrix by cyclic Jacobi rotations.
 
-    Written in elementwise and matrix-product operations only, so that under vmap it is
-    one fused computation over all genes: jaxlib's batched LAPACK ``syevd`` splits a
+    Written in elementwise operations and reductions over rows only, so that under vmap
+    it is one fused computation over all genes: jaxlib's batched LAPACK ``syevd`` splits a
     large batch over the intra-op thread pool, which deadlocks when several forced CPU
     devices run their shards on that pool at once.
 

@@ -14,10 +14,10 @@ import scipy.linalg
 
 from nbfit import _devices, _loop
 from nbfit._design import DesignGroups
-from nbfit._histogram import count_histogram, n_distinct
+from nbfit._histogram import capacity, count_histogram, device_loads
 from nbfit._init import init_location, init_scale
 from nbfit._likelihood import LOG_R_CAP
-from nbfit._problem import Problem
+from nbfit._problem import Chunk, pad_cells, shared_arrays
 from nbfit._status import STATUS_NAMES, Status, assign_status, inverse_if_definite
 from nbfit._strategy import default_max_steps, make_solver
 
@@ -155,7 +155,8 @@ class Estimator:
         # Rows of a compiled chunk: batch_size padded to a multiple of the device count.
         self._chunk_rows = -(-self.batch_size // _devices.n_devices()) * _devices.n_devices()
         self._scale_groups = DesignGroups(self._reduced_scale)
-        self._histogram_size = 1
+        self._histograms = {}  # chunk index -> CountHistogram (see _histogram)
+        self._entries_size = 1  # histogram entries per device, the same for every chunk
         p_loc, p_scale = self._reduced_loc.shape[1], self._reduced_scale.shape[1]
         self._theta = np.zeros((n_genes, p_loc + p_scale))
         self.n_steps = np.zeros(n_genes, dtype=np.int64)
@@ -178,11 +179,10 @@ class Estimator:
         size_factors = np.exp(self.log_size_factors)
         groups_loc = DesignGroups(self._reduced_loc)
         groups = self._scale_groups
-        for start, stop in self._chunks():
+        for index, (start, stop) in enumerate(self._chunks()):
             counts = self.data.gene_chunk(start, stop)
             self._all_zero[start:stop] = counts.sum(axis=1) == 0
-            distinct = n_distinct(counts, groups.inverse, len(groups.rows)).max()
-            self._histogram_size = max(self._histogram_size, int(distinct))
+            self._histogram(index, counts)
             if isinstance(init_a, str):
                 self._theta[start:stop, :p_loc] = init_location(
                     init_a, counts, self._reduced_loc, size_factors, groups_loc
@@ -196,6 +196,20 @@ class Estimator:
         if not isinstance(init_b, str):
             self._theta[:, p_loc:] = init_b.T
 
+    def _histogram(self, index, counts):
+        """CountHistogram of chunk ``index`` (counts (n_genes_chunk, n_cells)), kept once made.
+
+        Makes the entry size large enough for it: all chunks share one, hence one
+        compiled shape.
+        """
+        if index not in self._histograms:
+            groups = self._scale_groups
+            histogram = count_histogram(counts, groups.inverse, len(groups.rows))
+            load = device_loads(histogram, self._chunk_rows, _devices.n_devices()).max(initial=0)
+            self._entries_size = max(self._entries_size, capacity(load))
+            self._histograms[index] = histogram
+        return self._histograms[index]
+
     def _precision(self):
         """JAX context of the estimator's dtype; never changes the global configuration."""
         if self.dtype == "float64":
@@ -203,26 +217,15 @@ class Estimator:
         return contextlib.nullcontext()
 
     def _problems(self):
-        """Yield (start, stop, padded Problem) for each gene chunk, in the estimator's dtype."""
+        """Yield (start, stop, padded Chunk) for each gene chunk, in the estimator's dtype."""
         dtype = DTYPES[self.dtype]
         groups = self._scale_groups
-        shared = dict(
-            design_loc=self._reduced_loc,
-            design_scale=self._reduced_scale,
-            scale_rows=groups.rows,
-            log_size_factors=self.log_size_factors,
-        )
-        shared = {name: _devices.put_shared(value.astype(dtype)) for name, value in shared.items()}
-        for start, stop in self._chunks():
-            counts = _pad_rows(self.data.gene_chunk(start, stop), self._chunk_rows)
-            histogram = count_histogram(counts, groups.inverse, len(groups.rows), self._histogram_size)
-            yield start, stop, Problem(
-                counts=_devices.put_genes(counts.astype(dtype)),
-                histogram_values=_devices.put_genes(histogram.values.astype(dtype)),
-                histogram_groups=_devices.put_genes(histogram.groups),
-                histogram_weights=_devices.put_genes(histogram.weights.astype(dtype)),
-                **shared,
-            )
+        shared = shared_arrays(self._reduced_loc, self._reduced_scale, groups.rows, self.log_size_factors, dtype)
+        for index, (start, stop) in enumerate(self._chunks()):
+            counts = self.data.gene_chunk(start, stop)
+            histogram = self._histogram(index, counts)
+            counts = _pad_rows(counts, self._chunk_rows).astype(dtype)
+            yield start, stop, Chunk(counts, histogram, shared, self._entries_size)
 
     # ------------------------------------------------------------------ training
 
@@ -247,10 +250,10 @@ class Estimator:
             raise ValueError(f"max_steps must be >= 0, got {max_steps}.")
         dtype = DTYPES[self.dtype]
         with self._precision():
-            for start, stop, problem in self._problems():
+            for start, stop, chunk in self._problems():
                 theta = _devices.put_genes(_pad_rows(self._theta[start:stop], self._chunk_rows).astype(dtype))
                 skip = _devices.put_genes(_pad_rows(self._all_zero[start:stop], self._chunk_rows, True))
-                result = _loop.run_stage(solver, theta, skip, problem, max_steps)
+                result = _loop.run_stage(solver, theta, skip, chunk, max_steps)
                 n = stop - start
                 self._theta[start:stop] = np.asarray(result.theta[:n], dtype=np.float64)
                 self.n_steps[start:stop] += np.asarray(result.n_steps[:n])
@@ -278,11 +281,12 @@ class Estimator:
         dtype = DTYPES[self.dtype]
         groups = self._scale_groups
         indicator = groups.indicator if groups.usable else np.zeros((self.data.n_cells, 0))
+        indicator = np.pad(indicator, ((0, pad_cells(self.data.n_cells) - self.data.n_cells), (0, 0)))
         with self._precision():
             scale_groups = _devices.put_shared(indicator.astype(dtype))
-            for start, stop, problem in self._problems():
+            for start, stop, chunk in self._problems():
                 theta = _devices.put_genes(_pad_rows(self._theta[start:stop], self._chunk_rows).astype(dtype))
-                result = _loop.evaluate(theta, problem, scale_groups)
+                result = _loop.evaluate(theta, chunk.problem(), scale_groups)
                 n = stop - start
                 ll[start:stop] = np.asarray(result.log_likelihood[:n])
                 gradient[start:stop] = np.asarray(result.gradient[:n])

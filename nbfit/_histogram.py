@@ -5,6 +5,10 @@ depends on a cell only through its count y and its scale group (cells with equal
 the scale design share r). Summing it over the distinct (count, group) pairs of a gene,
 weighted by how often each occurs, costs O(distinct counts) instead of O(cells): single-cell
 genes have tens to hundreds of distinct counts over thousands of cells.
+
+The entries of a chunk are kept flat, gene after gene, not padded per gene: a few genes
+have a thousand distinct counts where the median gene has fifty. On the devices they are
+laid out in one fixed-size block per device (:func:`device_layout`).
 """
 
 from typing import NamedTuple
@@ -13,18 +17,21 @@ import numpy as np
 
 
 class CountHistogram(NamedTuple):
-    """Distinct (count, scale group) pairs of each gene, padded to a common size.
-
-    Padding entries have count 0 and weight 0 (they contribute nothing).
+    """Distinct (count, scale group) pairs of the genes of a chunk, flat and ordered by gene.
 
     Attributes
     ----------
-    values : ndarray, shape (n_genes, size)
-    groups : ndarray of int32, shape (n_genes, size)
-    weights : ndarray, shape (n_genes, size)
-        Number of cells with that count in that group.
+    genes : ndarray of int64, shape (n_entries,)
+        Row of the entry's gene in the chunk.
+    values : ndarray, shape (n_entries,)
+        The count.
+    groups : ndarray of int64, shape (n_entries,)
+        The scale group.
+    weights : ndarray, shape (n_entries,)
+        Number of cells of the gene with that count in that group.
     """
 
+    genes: np.ndarray
     values: np.ndarray
     groups: np.ndarray
     weights: np.ndarray
@@ -79,13 +86,7 @@ def _block_pairs(counts, cell_groups, n_groups):
     return genes, keys, weights
 
 
-def n_distinct(counts, cell_groups, n_groups):
-    """Number of distinct (count, group) pairs of each gene, shape (n_genes,)."""
-    genes = _distinct_pairs(counts, cell_groups, n_groups)[0]
-    return np.bincount(genes, minlength=counts.shape[0])
-
-
-def count_histogram(counts, cell_groups, n_groups, size):
+def count_histogram(counts, cell_groups, n_groups):
     """:class:`CountHistogram` of a gene chunk.
 
     Parameters
@@ -95,20 +96,65 @@ def count_histogram(counts, cell_groups, n_groups, size):
     cell_groups : ndarray of int, shape (n_cells,)
         Scale group of each cell.
     n_groups : int
-    size : int
-        Padded number of entries; at least the largest :func:`n_distinct`.
     """
-    n_genes = counts.shape[0]
-    genes, values, groups, weights = _distinct_pairs(counts, cell_groups, n_groups)
-    per_gene = np.bincount(genes, minlength=n_genes)
-    if n_genes and per_gene.max() > size:
-        raise ValueError(f"histogram size {size} is smaller than {per_gene.max()} distinct counts.")
-    starts = np.concatenate([[0], np.cumsum(per_gene)[:-1]])
-    slots = np.arange(genes.size) - starts[genes]
-    histogram = CountHistogram(
-        np.zeros((n_genes, size)), np.zeros((n_genes, size), np.int32), np.zeros((n_genes, size))
+    return CountHistogram(*_distinct_pairs(counts, cell_groups, n_groups))
+
+
+def select_genes(histogram, rows):
+    """The entries of the genes ``rows`` (chunk rows), renumbered ``0 .. len(rows) - 1``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    n_rows = int(max(rows.max(initial=-1), histogram.genes.max(initial=-1))) + 1
+    per_gene = np.bincount(histogram.genes, minlength=n_rows)
+    offsets = np.concatenate([[0], np.cumsum(per_gene)])
+    lengths = per_gene[rows]
+    firsts = np.repeat(offsets[rows], lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    index = firsts + within
+    return CountHistogram(
+        np.repeat(np.arange(rows.size), lengths), histogram.values[index],
+        histogram.groups[index], histogram.weights[index],
     )
-    histogram.values[genes, slots] = values
-    histogram.groups[genes, slots] = groups
-    histogram.weights[genes, slots] = weights
-    return histogram
+
+
+def device_loads(histogram, n_rows, n_devices):
+    """Entries held by each device when ``n_rows`` rows are split evenly, shape (n_devices,)."""
+    share = n_rows // n_devices
+    return np.bincount(histogram.genes // share, minlength=n_devices)
+
+
+def capacity(entries):
+    """Entries per device for a load of ``entries``: the next power of two, at least 256.
+
+    Rounding up keeps the number of compiled shapes small across chunks.
+    """
+    return 1 << max(8, int(np.ceil(np.log2(max(entries, 1)))))
+
+
+def device_layout(histogram, n_rows, n_devices, size):
+    """Entries arranged in one block of ``size`` per device, gene rows local to the block.
+
+    Device ``d`` holds rows ``d * share .. (d + 1) * share - 1`` (share = n_rows /
+    n_devices), as the gene axis is split. Padding entries have weight 0 and the block's
+    last row as gene, so each block stays sorted by gene.
+
+    Returns
+    -------
+    genes, groups : ndarray of int32, shape (n_devices * size,)
+    values, weights : ndarray, shape (n_devices * size,)
+    """
+    share = n_rows // n_devices
+    device = histogram.genes // share
+    loads = np.bincount(device, minlength=n_devices)
+    if loads.max(initial=0) > size:
+        raise ValueError(f"{loads.max()} histogram entries do not fit in blocks of {size}.")
+    firsts = np.concatenate([[0], np.cumsum(loads)[:-1]])
+    position = device * size + np.arange(device.size) - firsts[device]
+    genes = np.full(n_devices * size, share - 1, np.int32)
+    groups = np.zeros(n_devices * size, np.int32)
+    values = np.zeros(n_devices * size)
+    weights = np.zeros(n_devices * size)
+    genes[position] = histogram.genes - device * share
+    groups[position] = histogram.groups
+    values[position] = histogram.values
+    weights[position] = histogram.weights
+    return genes, groups, values, weights

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from nbfit import _devices, _problem
 from nbfit._likelihood import log_likelihood_constant
-from nbfit._problem import PROBLEM_AXES, Problem
+from nbfit._problem import SPLIT, Problem
 
 
 class StageResult(NamedTuple):
@@ -54,10 +54,28 @@ class _Carry(NamedTuple):
     converged: jax.Array
 
 
+def _on_devices(local, in_specs, out_specs):
+    """``local`` on each device's share of the genes (``shard_map``), or as is on one device.
+
+    A spec ``P("genes")`` splits every leaf of its argument over the genes.
+    """
+    mesh = _devices.mesh()
+    if mesh is None:
+        return local
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _problem_specs():
+    return Problem(*(P("genes") if split else P() for split in SPLIT))
+
+
 @partial(jax.jit, static_argnames=("solver",))
 def _start(solver, theta, skip, problem):
-    state = jax.vmap(solver.init, in_axes=(0, PROBLEM_AXES))(theta, problem)
-    return _Carry(theta, state, skip, jnp.zeros(theta.shape[0], jnp.int32), skip)
+    def local(theta, skip, problem):
+        state = solver.init(theta, problem)
+        return _Carry(theta, state, skip, jnp.zeros(theta.shape[0], jnp.int32), skip)
+
+    return _on_devices(local, (P("genes"), P("genes"), _problem_specs()), P("genes"))(theta, skip, problem)
 
 
 def _running(carry, max_steps):
@@ -67,14 +85,13 @@ def _running(carry, max_steps):
 
 def _advance_local(solver, carry, problem, max_steps, min_running):
     """Step the running genes of ``carry`` until at most ``min_running`` of them run."""
-    step = jax.vmap(solver.step, in_axes=(0, 0, PROBLEM_AXES))
 
     def cond(carry):
         return jnp.sum(_running(carry, max_steps)) > min_running
 
     def body(carry):
         moving = _running(carry, max_steps)
-        new_theta, new_state, new_done, new_converged = step(carry.theta, carry.state, problem)
+        new_theta, new_state, new_done, new_converged = solver.step(carry.theta, carry.state, problem, moving)
 
         def keep(old, new):
             mask = moving.reshape(moving.shape + (1,) * (old.ndim - 1))
@@ -98,20 +115,11 @@ def _advance(solver, carry, problem, max_steps, min_running):
     With several local devices the genes are split over them (``shard_map``) and each
     device runs its own loop, without communication: ``min_running`` is then per device.
     """
-    mesh = _devices.mesh()
-    if mesh is None:
-        return _advance_local(solver, carry, problem, max_steps, min_running)
-    genes, shared = P("genes"), P()
-    carry_specs = jax.tree_util.tree_map(lambda _: genes, carry)
-    problem_specs = Problem(*(genes if axis == 0 else shared for axis in PROBLEM_AXES))
-    local = partial(_advance_local, solver, max_steps=max_steps, min_running=min_running // mesh.size)
-    return jax.shard_map(local, mesh=mesh, in_specs=(carry_specs, problem_specs), out_specs=carry_specs,
-                         check_vma=False)(
-        carry, problem
-    )
+    local = partial(_advance_local, solver, max_steps=max_steps, min_running=min_running // _devices.n_devices())
+    return _on_devices(local, (P("genes"), _problem_specs()), P("genes"))(carry, problem)
 
 
-def run_stage(solver, theta, skip, problem, max_steps):
+def run_stage(solver, theta, skip, chunk, max_steps):
     """Run ``solver`` on every gene of a chunk until each is done or ``max_steps`` is hit.
 
     Every gene follows the same trajectory whatever chunk or device it is in: compaction
@@ -124,14 +132,15 @@ def run_stage(solver, theta, skip, problem, max_steps):
         Starting coefficients.
     skip : Array, shape (n_genes_chunk,), bool
         Genes not to fit (padding, all-zero genes); returned unchanged.
-    problem : Problem
-        Per-gene fields with n_genes_chunk rows; the rest shared.
+    chunk : nbfit._problem.Chunk
+        The chunk's data (n_genes_chunk rows).
     max_steps : int
 
     Returns
     -------
     StageResult
     """
+    problem = chunk.problem()
     carry = _start(solver, theta, skip, problem)
     size = theta.shape[0]
     devices = _devices.n_devices()
@@ -157,10 +166,8 @@ def run_stage(solver, theta, skip, problem, max_steps):
         carry = jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], carry)
         carry = carry._replace(done=carry.done | padding, converged=carry.converged | padding)
         carry = jax.tree_util.tree_map(_devices.put_genes, carry)
-        problem = problem._replace(**{
-            name: _devices.put_genes(np.asarray(getattr(problem, name))[rows])
-            for name, axis in PROBLEM_AXES._asdict().items() if axis == 0
-        })
+        chunk = chunk.select(rows, running.size)
+        problem = chunk.problem()
         index = np.where(padding, -1, index[rows])
     return StageResult(result.theta, result.n_steps, result.converged, result.done)
 
@@ -204,17 +211,18 @@ def evaluate(theta, problem, scale_groups):
     """:class:`Evaluation` of every gene of a chunk.
 
     ``scale_groups`` (n_cells, n_groups) is the one-hot membership of the cells in the
-    distinct rows of the scale design (n_groups may be 0).
+    distinct rows of the scale design (n_groups may be 0; padding cells in none).
     """
 
-    def one(theta, problem):
+    def local(theta, problem, scale_groups):
         value, grad, hess = _problem.derivatives(theta, problem)
         eta_mean, eta_scale = _problem.linear_predictors(theta, problem)
-        constant = problem.histogram_weights @ log_likelihood_constant(problem.histogram_values)
-        zero = problem.counts == 0
-        min_eta = jnp.min(jnp.where(zero, eta_mean, jnp.inf))
-        residual = problem.counts - jnp.exp(eta_mean)
-        score = ((residual**2 - problem.counts) @ scale_groups).min(initial=jnp.inf)
-        return Evaluation(value + constant, grad, hess, min_eta, jnp.max(eta_scale), score)
+        constant = _problem.per_gene(problem.entry_weights * log_likelihood_constant(problem.entry_values), problem)
+        counts = problem.counts
+        real = jnp.isfinite(problem.log_size_factors)  # not a padding cell
+        min_eta = jnp.min(jnp.where((counts == 0) & real, eta_mean, jnp.inf), axis=1)
+        max_eta_scale = jnp.max(jnp.where(real, eta_scale, -jnp.inf), axis=1)
+        score = ((counts - jnp.exp(eta_mean)) ** 2 - counts) @ scale_groups
+        return Evaluation(value + constant, grad, hess, min_eta, max_eta_scale, score.min(axis=1, initial=jnp.inf))
 
-    return jax.vmap(one, in_axes=(0, PROBLEM_AXES))(theta, problem)
+    return _on_devices(local, (P("genes"), _problem_specs(), P()), P("genes"))(theta, problem, scale_groups)

@@ -8,9 +8,9 @@ identical to a local fit with the same ``batch_size``:
 
 - every task fits exactly one chunk of the local fit, padded to ``batch_size`` genes
   (all tasks have one shape: each worker compiles once);
-- a first round of light tasks reads and checks every chunk and finds the histogram
-  size of the whole matrix (the count part of the likelihood is summed over per-gene
-  histograms of a common size), so that each chunk is fitted as in the local fit.
+- a first round of light tasks reads and checks every chunk and counts the entries of
+  its histogram of distinct counts (:mod:`nbfit._histogram`); every task then lays its
+  histogram out in blocks of one common size (one shape, one compilation per worker).
 
 Failed tasks are retried (``retries``; dask reschedules the tasks of a lost worker
 itself); a chunk that fails for good raises :class:`ChunkError`, naming its genes.
@@ -34,7 +34,7 @@ import scipy.sparse
 from nbfit import _progress
 from nbfit._design import DesignGroups
 from nbfit._estimator import Estimator, Model, _resolve_batch_size
-from nbfit._histogram import n_distinct
+from nbfit._histogram import capacity, count_histogram
 from nbfit._input import read_counts
 from nbfit._storage import GeneSource
 from nbfit._strategy import resolve_strategy
@@ -110,13 +110,12 @@ def fit_on_client(client, counts, loc, scale, size_factors=None, init_a="closed_
     shared_ref = runner.share(shared)
     show = _progress.enabled(progress)
 
-    # Round 1: read and check every chunk, and the histogram size over all genes.
+    # Round 1: read and check every chunk, and the histogram entries of the largest.
     groups = DesignGroups(scale.design.matrix @ scale.constraints)
     if _in_memory(counts.counts):
-        histogram_size = 1
+        entries = 1
         for start, stop in chunks:
-            chunk = counts.gene_chunk(start, stop)
-            histogram_size = max(histogram_size, _max_distinct(chunk, groups))
+            entries = max(entries, _n_entries(counts.gene_chunk(start, stop), groups))
     else:
         bar = _progress.Bar(show, len(chunks), desc="nbfit reading")
         tasks = {
@@ -130,7 +129,7 @@ def fit_on_client(client, counts, loc, scale, size_factors=None, init_a="closed_
         for k in range(len(chunks)):
             if isinstance(results[k], Exception):  # bad counts: the error of a local fit
                 raise results[k]
-        histogram_size = max([1] + [int(results[k]) for k in range(len(chunks))])
+        entries = max([1] + [int(results[k]) for k in range(len(chunks))])
 
     # Round 2: fit every chunk.
     bar = _progress.Bar(show, len(chunks), desc="nbfit fitting")
@@ -139,7 +138,7 @@ def fit_on_client(client, counts, loc, scale, size_factors=None, init_a="closed_
         args = (
             runner.chunk_input(counts.counts, start, stop), start, stop, names[start:stop],
             _init_slice(init_a, start, stop), _init_slice(init_b, start, stop), shared_ref,
-            histogram_size, k == 0,
+            capacity(entries), k == 0,
         )
         tasks[k] = (_fit_task, args)
     results, failures = runner.run(tasks, bar, "fit")
@@ -148,10 +147,10 @@ def fit_on_client(client, counts, loc, scale, size_factors=None, init_a="closed_
     for k in range(len(chunks)):
         if isinstance(results[k], Exception):
             raise results[k]
-    return combine([results[k] for k in range(len(chunks))], counts, histogram_size)
+    return combine([results[k] for k in range(len(chunks))], counts)
 
 
-def combine(results, counts, histogram_size=None):
+def combine(results, counts):
     """One Estimator from per-chunk results (in gene order) of :func:`_fit_task`.
 
     The first result carries a ``template`` Estimator (designs, constraints, settings);
@@ -173,8 +172,7 @@ def combine(results, counts, histogram_size=None):
             evaluation[key] = value
     estimator._evaluation = evaluation
     estimator.gene_mean = np.concatenate([r["gene_mean"] for r in results])
-    if histogram_size is not None and hasattr(estimator, "_histogram_size"):
-        estimator._histogram_size = histogram_size
+    estimator._histograms = {}  # remade on demand, for the chunks of the whole data
     estimator.model = Model(estimator)
     return estimator
 
@@ -197,9 +195,9 @@ def _init_slice(init, start, stop):
     return init if isinstance(init, str) else np.asarray(init)[:, start:stop]
 
 
-def _max_distinct(chunk, groups):
-    """Largest number of distinct (count, scale group) pairs of a gene of ``chunk``."""
-    return int(n_distinct(chunk, groups.inverse, len(groups.rows)).max())
+def _n_entries(chunk, groups):
+    """Number of distinct (gene, count, scale group) triples of ``chunk``."""
+    return int(count_histogram(chunk, groups.inverse, len(groups.rows)).genes.size)
 
 
 # --------------------------------------------------------------------------- runners
@@ -397,7 +395,7 @@ def _chunk_counts(value, start, stop, names, shared, pad):
 
 
 def _scan_task(value, start, stop, names, shared):
-    """Read and check one chunk; its largest number of distinct (count, group) pairs.
+    """Read and check one chunk; the number of entries of its histogram.
 
     Bad counts are returned (not raised), so that they are reported, not retried.
     """
@@ -407,10 +405,10 @@ def _scan_task(value, start, stop, names, shared):
         return error
     scale = shared["scale"]
     groups = DesignGroups(scale.design.matrix @ scale.constraints)
-    return _max_distinct(counts.gene_chunk(0, counts.n_genes), groups)
+    return _n_entries(counts.gene_chunk(0, counts.n_genes), groups)
 
 
-def _fit_task(value, start, stop, names, init_a, init_b, shared, histogram_size, template):
+def _fit_task(value, start, stop, names, init_a, init_b, shared, entries_size, template):
     """Fit one gene chunk with nbfit; per-gene results (and, if asked, the Estimator)."""
     try:
         counts = _chunk_counts(value, start, stop, names, shared, pad=True)
@@ -423,8 +421,7 @@ def _fit_task(value, start, stop, names, init_a, init_b, shared, histogram_size,
         init_a=_pad_init(init_a, size), init_b=_pad_init(init_b, size), batch_size=size,
         dtype=shared["dtype"],
     )
-    if hasattr(estimator, "_histogram_size"):
-        estimator._histogram_size = max(estimator._histogram_size, int(histogram_size))
+    estimator._entries_size = max(estimator._entries_size, int(entries_size))
     resolve_strategy(shared["training_strategy"], shared["quick_scale"])(estimator)
     evaluation = estimator._evaluate()
     result = {name: np.array(getattr(estimator, name)[:n]) for name in PER_GENE}
@@ -436,6 +433,7 @@ def _fit_task(value, start, stop, names, init_a, init_b, shared, histogram_size,
     result["gene_mean"] = _gene_means(counts)[:n]
     if template:  # designs, constraints and settings for combine(); not the counts
         estimator.data = None
+        estimator._histograms = {}
         result["template"] = estimator
     return result
 

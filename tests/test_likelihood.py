@@ -23,7 +23,7 @@ import scipy.stats
 import nbfit
 from nbfit import _likelihood, _problem
 from nbfit._design import DesignGroups
-from nbfit._histogram import count_histogram
+from nbfit._histogram import capacity, count_histogram
 from nbfit._likelihood import LOG_R_CAP, STIRLING_MIN
 
 # --------------------------------------------------------------------------- tolerances
@@ -226,11 +226,25 @@ def test_log_likelihood_zero_count_vanishing_mean(log_r):
 # --------------------------------------------------------------------------- 3. derivatives
 
 N_CELLS_SMALL = 50
+#: Cells of a problem summed over several tiles of CELL_TILE, the last one padded.
+N_CELLS_TILED = 2 * _problem.CELL_TILE + 37
 
-# Compiled once per shape (tracing happens under the x64 fixture).
-_objective = jax.jit(_problem.objective)
-_derivatives = jax.jit(_problem.derivatives)
-_fisher_location = jax.jit(_problem.fisher_location)
+# One gene as a chunk of one; compiled once per shape (tracing happens under the x64 fixture).
+def _one_gene(function):
+    return jax.jit(lambda theta, problem: jax.tree_util.tree_map(lambda x: x[0], function(theta[None], problem)))
+
+
+_objective = _one_gene(_problem.objective)
+_derivatives = _one_gene(_problem.derivatives)
+_fisher_location = _one_gene(_problem.fisher_location)
+
+
+def _chunk_problem(counts, design_loc, design_scale, log_sf):
+    """Problem of the genes ``counts`` (n_genes, n_cells) on the devices."""
+    groups = DesignGroups(design_scale)
+    histogram = count_histogram(counts, groups.inverse, len(groups.rows))
+    shared = _problem.shared_arrays(design_loc, design_scale, groups.rows, log_sf, np.float64)
+    return _problem.Chunk(counts, histogram, shared, capacity(histogram.genes.size)).problem()
 
 
 def _small_problem(seed=0, n_cells=N_CELLS_SMALL):
@@ -244,19 +258,7 @@ def _small_problem(seed=0, n_cells=N_CELLS_SMALL):
     mu = np.exp(design_loc @ np.array([1.5, -0.7, 0.4]) + log_sf)
     r = np.exp(design_scale @ np.array([1.0, 1.5]))
     counts = rng.negative_binomial(r, r / (r + mu)).astype(np.float64)
-    groups = DesignGroups(design_scale)
-    n_groups = len(groups.rows)
-    histogram = count_histogram(counts[None, :], groups.inverse, n_groups, n_cells)
-    problem = _problem.Problem(
-        counts=jnp.asarray(counts),
-        histogram_values=jnp.asarray(histogram.values[0]),
-        histogram_groups=jnp.asarray(histogram.groups[0]),
-        histogram_weights=jnp.asarray(histogram.weights[0]),
-        design_loc=jnp.asarray(design_loc),
-        design_scale=jnp.asarray(design_scale),
-        scale_rows=jnp.asarray(groups.rows),
-        log_size_factors=jnp.asarray(log_sf),
-    )
+    problem = _chunk_problem(counts[None, :], design_loc, design_scale, log_sf)
     return problem, design_loc, design_scale, log_sf, counts
 
 
@@ -298,9 +300,10 @@ def _richardson(difference, f, theta, h):
     return (4.0 * difference(f, theta, h) - difference(f, theta, 2.0 * h)) / 3.0
 
 
-@pytest.mark.parametrize("theta", THETAS)
-def test_derivatives_match_finite_differences(theta):
-    problem = _small_problem()[0]
+@pytest.mark.parametrize("theta, n_cells", [(theta, N_CELLS_SMALL) for theta in THETAS] + [(THETAS[0], N_CELLS_TILED)])
+def test_derivatives_match_finite_differences(theta, n_cells):
+    """At N_CELLS_TILED the cells are summed over tiles, the last one padded."""
+    problem = _small_problem(n_cells=n_cells)[0]
     theta = np.asarray(theta, dtype=np.float64)
     def f(t):
         return float(_objective(jnp.asarray(t), problem))
@@ -342,7 +345,7 @@ def test_fisher_location_closed_form(theta):
 
     # The observed location Hessian is affine in y, so its expectation is its value at
     # y = E[y] = mu: the expected information is minus that.
-    at_mean = problem._replace(counts=jnp.asarray(mu))
+    at_mean = problem._replace(counts=jnp.asarray(mu[None, :]))
     _, _, hess = _derivatives(jnp.asarray(theta), at_mean)
     np.testing.assert_allclose(
         np.asarray(info), -np.asarray(hess)[:p_loc, :p_loc], rtol=FISHER_RTOL, atol=0
@@ -399,14 +402,55 @@ def test_count_histogram_matches_a_tally_of_every_gene(monkeypatch):
     counts[3, :4] = 10**7
     counts[-1] = 0
     groups = rng.integers(0, 3, 60)
-    distinct = _histogram.n_distinct(counts.astype(float), groups, 3)
-    histogram = count_histogram(counts.astype(float), groups, 3, int(distinct.max()) + 2)
+    histogram = count_histogram(counts.astype(float), groups, 3)
+    assert np.all(np.diff(histogram.genes) >= 0)
     for gene in range(counts.shape[0]):
         pairs, weights = np.unique(np.stack([counts[gene], groups]), axis=1, return_counts=True)
-        kept = histogram.weights[gene] > 0
-        assert kept.sum() == distinct[gene] == len(weights)
-        got = sorted(zip(histogram.values[gene][kept], histogram.groups[gene][kept], histogram.weights[gene][kept]))
-        assert got == sorted(zip(pairs[0].astype(float), pairs[1], weights.astype(float)))
+        mine = histogram.genes == gene
+        got = sorted(zip(histogram.values[mine], histogram.groups[mine], histogram.weights[mine]))
+        assert got == sorted(zip(pairs[0].astype(float), pairs[1], weights))
+
+
+def test_histogram_layout_and_selection_keep_every_entry():
+    """select_genes renumbers the chosen genes' entries; device_layout puts each gene's
+    entries in its device's block with local rows, sorted, and pads with weight 0."""
+    from nbfit._histogram import device_layout, select_genes
+
+    rng = np.random.default_rng(6)
+    counts = rng.poisson(rng.uniform(0, 30, (12, 1)), (12, 80)).astype(float)
+    histogram = count_histogram(counts, np.zeros(80, int), 1)
+    rows = np.array([7, 2, 11, 2, 0, 5])
+    chosen = select_genes(histogram, rows)
+    for new, old in enumerate(rows):
+        np.testing.assert_array_equal(chosen.values[chosen.genes == new], histogram.values[histogram.genes == old])
+    size = capacity(histogram.genes.size)
+    genes, groups, values, weights = device_layout(histogram, 12, 3, size)
+    for device in range(3):
+        block = slice(device * size, (device + 1) * size)
+        assert np.all(np.diff(genes[block]) >= 0) and genes[block].max() <= 3
+        for local in range(4):
+            mine = (genes[block] == local) & (weights[block] > 0)
+            gene = device * 4 + local
+            np.testing.assert_array_equal(values[block][mine], histogram.values[histogram.genes == gene])
+    assert weights.sum() == counts.size
+    with pytest.raises(ValueError, match="do not fit"):
+        device_layout(histogram, 12, 3, 4)
+
+
+def test_written_out_cell_derivatives_match_autodiff():
+    """mean_part_derivatives against JAX autodiff of mean_part (itself checked against
+    mpmath and scipy above), below and beyond the r cap and for extreme means."""
+    eta_mean, eta_scale, y = (np.array(v, dtype=np.float64).ravel() for v in np.meshgrid(
+        [-40.0, -3.0, 0.0, 0.7, 6.0, 30.0], [-9.0, -0.5, 2.0, 12.0, LOG_R_CAP - 1e-3, LOG_R_CAP + 2.0],
+        [0.0, 1.0, 7.0, 500.0]))
+    d_mean = jax.grad(_likelihood.mean_part, 0)
+    d_scale = jax.grad(_likelihood.mean_part, 1)
+    expected = [jax.vmap(f)(eta_mean, eta_scale, y) for f in (
+        _likelihood.mean_part, d_mean, d_scale, jax.grad(d_mean, 0), jax.grad(d_mean, 1), jax.grad(d_scale, 1))]
+    written = _likelihood.mean_part_derivatives(eta_mean, eta_scale, y)
+    for name, got, want in zip(["value", "d_m", "d_s", "d_mm", "d_ms", "d_ss"], written, expected):
+        want = np.asarray(want)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 9])

@@ -1,5 +1,7 @@
 """Solver stages. Each is a frozen dataclass with ``init(theta, problem) -> state`` and
-``step(theta, state, problem) -> (theta, state, done, converged)``, written for one gene."""
+``step(theta, state, problem, active) -> (theta, state, done, converged)``, written for all
+genes of a chunk at once (genes on the first axis of every array; ``active`` marks the
+genes still being fitted)."""
 
 from nbfit._solvers.irls import IRLS as IRLS
 from nbfit._solvers.lbfgs import LBFGS as LBFGS

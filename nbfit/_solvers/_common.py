@@ -1,6 +1,7 @@
 """Pieces shared by the solvers: modified Newton directions and the line search.
 
-Everything here works on ONE gene; the chunk loop in :mod:`nbfit._loop` vmaps it.
+Everything here works on all genes of a chunk at once (genes on the first axis); no gene's
+result depends on another's.
 """
 
 from typing import NamedTuple
@@ -42,33 +43,35 @@ def free_mask(n_params, p_loc, update_loc, update_scale):
 
 
 def ascent_direction(grad, hess, free):
-    """Newton direction of a maximisation with |eigenvalue| modification.
+    """Newton direction of a maximisation with |eigenvalue| modification, per gene.
 
     Parameters
     ----------
-    grad : Array, shape (P,)
-    hess : Array, shape (P, P)
+    grad : Array, shape (n_genes, P)
+    hess : Array, shape (n_genes, P, P)
         Hessian (or minus an information matrix) of the log-likelihood.
     free : Array, shape (P,), bool
         Parameters that may move; the direction is 0 for the others.
 
     Returns
     -------
-    Array, shape (P,)
+    Array, shape (n_genes, P)
         ``V diag(1/max(|lambda|, floor)) V^T grad`` with ``-hess = V diag(lambda) V^T``:
         the Newton step where the Hessian is negative definite, an ascent direction
         everywhere.
     """
-    n = grad.shape[0]
+    n = grad.shape[1]
     both = free[:, None] & free[None, :]
     neg_hess = jnp.where(both, -hess, jnp.eye(n, dtype=hess.dtype))
     grad = jnp.where(free, grad, 0.0)
     # LAPACK on one device; Jacobi when chunks are split over several (see symmetric_eigen).
-    eigh = symmetric_eigen if _devices.n_devices() > 1 else jnp.linalg.eigh
+    eigh = jax.vmap(symmetric_eigen) if _devices.n_devices() > 1 else jnp.linalg.eigh
     eigenvalues, eigenvectors = eigh(neg_hess)
     magnitude = jnp.abs(eigenvalues)
-    floor = 100.0 * jnp.finfo(hess.dtype).eps * jnp.max(magnitude) + jnp.finfo(hess.dtype).tiny
-    return eigenvectors @ ((eigenvectors.T @ grad) / jnp.maximum(magnitude, floor))
+    floor = 100.0 * jnp.finfo(hess.dtype).eps * jnp.max(magnitude, axis=1, keepdims=True)
+    floor = floor + jnp.finfo(hess.dtype).tiny
+    along = jnp.einsum("gji,gj->gi", eigenvectors, grad) / jnp.maximum(magnitude, floor)
+    return jnp.einsum("gij,gj->gi", eigenvectors, along)
 
 
 #: Jacobi sweeps stop once the off-diagonal mass is below this many epsilons of the
@@ -153,64 +156,75 @@ def _set_rows(a, e_p, e_q, row_p, row_q):
 
 
 class LineSearchResult(NamedTuple):
+    """Per gene: new coefficients (n_genes, P), their log-likelihood and whether a step was taken."""
+
     theta: jax.Array
     value: jax.Array
     accepted: jax.Array
 
 
-def line_search(objective, theta, value, direction, slope, problem, expand=True):
-    """Backtracking Armijo line search along an ascent direction, with extrapolation.
+def line_search(objective, theta, value, direction, slope, problem, active, expand=True):
+    """Backtracking Armijo line search along an ascent direction per gene, with extrapolation.
 
     Tries step 1, halves it until the log-likelihood rises by ``ARMIJO * t * slope``;
     if the full step gains more than a quadratic model predicts, tries longer steps while
     they keep improving. The log-likelihood never decreases: without an acceptable step
-    the gene stays where it is (``accepted`` False).
-    """
+    the gene stays where it is (``accepted`` False). Each trial evaluates every gene;
+    genes that are not ``active`` (done) never ask for another one.
 
+    Parameters
+    ----------
+    objective : callable ``(theta, problem) -> (n_genes,)``
+    theta, direction : Array, shape (n_genes, P)
+    value, slope : Array, shape (n_genes,)
+        Log-likelihood at ``theta`` and its directional derivative along ``direction``.
+    problem : nbfit._problem.Problem
+    active : Array, shape (n_genes,), bool
+    """
     noise = noise_level(value)
 
     def trial(t):
-        return objective(theta + t * direction, problem)
+        return objective(theta + t[:, None] * direction, problem)
 
     def acceptable(t, v):
         sufficient = v >= value + ARMIJO * t * slope
         within_noise = (slope <= noise) & (v >= value - noise)
         return jnp.isfinite(v) & (sufficient | within_noise)
 
-    def backtrack_cond(carry):
+    def backtracking(carry):
         t, v, k = carry
-        return (~acceptable(t, v)) & (k < MAX_HALVINGS)
+        return active & ~acceptable(t, v) & (k < MAX_HALVINGS)
 
     def backtrack_body(carry):
-        t, _, k = carry
-        t = 0.5 * t
-        return t, trial(t), k + 1
+        t, v, k = carry
+        halve = backtracking(carry)
+        t = jnp.where(halve, 0.5 * t, t)
+        return t, jnp.where(halve, trial(t), v), k + halve
 
-    one = jnp.ones((), theta.dtype)
-    t, v, _ = jax.lax.while_loop(backtrack_cond, backtrack_body, (one, trial(one), 0))
+    one = jnp.ones_like(value)
+    start = (one, trial(one), jnp.zeros(value.shape, jnp.int32))
+    t, v, _ = jax.lax.while_loop(lambda carry: jnp.any(backtracking(carry)), backtrack_body, start)
     accepted = acceptable(t, v)
 
     if expand:
-        def expand_cond(carry):
-            _, _, _, k, going = carry
-            return going & (k < MAX_EXPANSIONS)
-
         def expand_body(carry):
-            t, v, _, k, _ = carry
-            t_new = EXPAND_FACTOR * t
+            t, v, going, k = carry
+            t_new = jnp.where(going, EXPAND_FACTOR * t, t)
             v_new = trial(t_new)
-            better = jnp.isfinite(v_new) & (v_new > v + noise)
-            return (jnp.where(better, t_new, t), jnp.where(better, v_new, v), t_new, k + 1, better)
+            better = going & jnp.isfinite(v_new) & (v_new > v + noise)
+            return jnp.where(better, t_new, t), jnp.where(better, v_new, v), better, k + 1
 
-        start = accepted & (t == 1.0) & (slope > noise) & (v - value > EXPAND_RATIO * slope + noise)
-        t, v, _, _, _ = jax.lax.while_loop(expand_cond, expand_body, (t, v, t, 0, start))
+        going = active & accepted & (t == 1.0) & (slope > noise) & (v - value > EXPAND_RATIO * slope + noise)
+        t, v, _, _ = jax.lax.while_loop(
+            lambda carry: jnp.any(carry[2]) & (carry[3] < MAX_EXPANSIONS), expand_body, (t, v, going, 0)
+        )
 
-    new_theta = jnp.where(accepted, theta + t * direction, theta)
+    new_theta = jnp.where(accepted[:, None], theta + t[:, None] * direction, theta)
     return LineSearchResult(new_theta, jnp.where(accepted, v, value), accepted)
 
 
 def finished(decrement, search, value, tol):
-    """(done, converged) of one gene after a line-searched step.
+    """(done, converged) of each gene after a line-searched step.
 
     Converged when the decrement before the step was below ``tol`` or the accepted step
     gained less than ``GAIN_TOL`` (both relative to max(1, |ll|)) although a resolvable

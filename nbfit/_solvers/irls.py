@@ -34,26 +34,25 @@ class IRLS:
     def init(self, theta, problem):
         return ()
 
-    def step(self, theta, state, problem):
+    def step(self, theta, state, problem, active):
         p_loc = problem.design_loc.shape[1]
-        n_params = theta.shape[0]
         start = value = _problem.objective(theta, problem)
-        decrement = jnp.zeros((), theta.dtype)
-        moved = jnp.zeros((), bool)
+        decrement = jnp.zeros_like(value)
+        moved = jnp.zeros(value.shape, bool)
         if self.update_loc:
             value, grad_loc, info_loc = _problem.fisher_location(theta, problem)
             direction_loc = ascent_direction(grad_loc, -info_loc, jnp.ones(p_loc, bool))
-            slope = grad_loc @ direction_loc
-            direction = jnp.zeros(n_params, theta.dtype).at[:p_loc].set(direction_loc)
-            search = line_search(_problem.objective, theta, value, direction, slope, problem)
+            slope = jnp.sum(grad_loc * direction_loc, axis=1)
+            direction = jnp.zeros_like(theta).at[:, :p_loc].set(direction_loc)
+            search = line_search(_problem.objective, theta, value, direction, slope, problem, active)
             theta, value = search.theta, search.value
             decrement, moved = decrement + slope, moved | search.accepted
         if self.update_scale:
             value, grad_scale, hess_scale = _problem.scale_derivatives(theta, problem)
-            direction_scale = ascent_direction(grad_scale, hess_scale, jnp.ones(n_params - p_loc, bool))
-            slope = grad_scale @ direction_scale
-            direction = jnp.zeros(n_params, theta.dtype).at[p_loc:].set(direction_scale)
-            search = line_search(_problem.objective, theta, value, direction, slope, problem)
+            direction_scale = ascent_direction(grad_scale, hess_scale, jnp.ones(theta.shape[1] - p_loc, bool))
+            slope = jnp.sum(grad_scale * direction_scale, axis=1)
+            direction = jnp.zeros_like(theta).at[:, p_loc:].set(direction_scale)
+            search = line_search(_problem.objective, theta, value, direction, slope, problem, active)
             theta, value = search.theta, search.value
             decrement, moved = decrement + slope, moved | search.accepted
         done, converged = finished(decrement, LineSearchResult(theta, value, moved), start, self.tol)

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+import jax.numpy as jnp
+
 from nbfit import _problem
 from nbfit._solvers._common import ascent_direction, finished, free_mask, line_search
 
@@ -30,11 +32,11 @@ class Newton:
     def init(self, theta, problem):
         return ()
 
-    def step(self, theta, state, problem):
+    def step(self, theta, state, problem, active):
         value, grad, hess = _problem.derivatives(theta, problem)
-        free = free_mask(theta.shape[0], problem.design_loc.shape[1], self.update_loc, self.update_scale)
+        free = free_mask(theta.shape[1], problem.design_loc.shape[1], self.update_loc, self.update_scale)
         direction = ascent_direction(grad, hess, free)
-        decrement = grad @ direction
-        search = line_search(_problem.objective, theta, value, direction, decrement, problem)
+        decrement = jnp.sum(grad * direction, axis=1)
+        search = line_search(_problem.objective, theta, value, direction, decrement, problem, active)
         done, converged = finished(decrement, search, value, self.tol)
         return search.theta, state, done, converged

@@ -7,7 +7,6 @@ so that code written for ``diffxpy.api.fit.model`` keeps working.
 import contextlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.linalg
@@ -248,19 +247,26 @@ class Estimator:
         max_steps = default_max_steps(solver) if max_steps is None else int(max_steps)
         if max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {max_steps}.")
-        dtype = DTYPES[self.dtype]
-        with self._precision():
+        def units():
             for start, stop, chunk in self._problems():
-                theta = _devices.put_genes(_pad_rows(self._theta[start:stop], self._chunk_rows).astype(dtype))
-                skip = _devices.put_genes(_pad_rows(self._all_zero[start:stop], self._chunk_rows, True))
-                result = _loop.run_stage(solver, theta, skip, chunk, max_steps)
-                n = stop - start
-                self._theta[start:stop] = np.asarray(result.theta[:n], dtype=np.float64)
-                self.n_steps[start:stop] += np.asarray(result.n_steps[:n])
-                self._converged[start:stop] = np.asarray(result.converged[:n])
-                self._stalled[start:stop] = np.asarray(result.done[:n] & ~result.converged[:n])
+                yield _loop.Unit(
+                    genes=_pad_rows(np.arange(start, stop), self._chunk_rows, -1),
+                    theta=_pad_rows(self._theta[start:stop], self._chunk_rows),
+                    skip=_pad_rows(self._all_zero[start:stop], self._chunk_rows, True),
+                    chunk=chunk,
+                )
+                # Reported as the chunk is taken up (the loop reads one chunk ahead).
                 if getattr(self, "on_chunk", None) is not None:  # progress hook (nbfit._progress)
                     self.on_chunk(method, start, stop)
+
+        def write(genes, theta, n_steps, converged, done):
+            self._theta[genes] = theta
+            self.n_steps[genes] += n_steps
+            self._converged[genes] = converged
+            self._stalled[genes] = done & ~converged
+
+        with self._precision():
+            _loop.run_stage(solver, units(), max_steps, write)
         self._converged[self._all_zero] = True
         self._evaluation = None
         return self

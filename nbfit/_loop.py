@@ -18,30 +18,11 @@ from nbfit._likelihood import log_likelihood_constant
 from nbfit._problem import SPLIT, Problem
 
 
-class StageResult(NamedTuple):
-    """Outcome of one stage on a chunk.
-
-    Attributes
-    ----------
-    theta : Array, shape (n_genes_chunk, P)
-    n_steps : Array, shape (n_genes_chunk,)
-        Steps taken by each gene in this stage.
-    converged : Array, shape (n_genes_chunk,)
-        The solver's convergence test passed.
-    done : Array, shape (n_genes_chunk,)
-        The gene stopped before ``max_steps``: converged, or stalled (no ascent step).
-    """
-
-    theta: jax.Array
-    n_steps: jax.Array
-    converged: jax.Array
-    done: jax.Array
-
-
-#: Chunks of at least this many genes are compacted: once at most a quarter of their
-#: genes are still running, those are gathered into a chunk a quarter the size (never
-#: below this), so that a few slow genes do not set the cost of the whole chunk.
-MIN_COMPACT = 64
+#: Once at most a quarter of a chunk's genes still run (and that is at least this many),
+#: the chunk stops; its running genes wait, with their solver state, to be packed with
+#: those of other chunks into a full chunk. Every chunk then has one shape (one compiled
+#: program) and a few slow genes do not set the cost of a whole chunk.
+MIN_PACK = 64
 
 
 class _Carry(NamedTuple):
@@ -83,8 +64,13 @@ def _running(carry, max_steps):
     return ~carry.done & (carry.n_steps < max_steps)
 
 
-def _advance_local(solver, carry, problem, max_steps, min_running):
-    """Step the running genes of ``carry`` until at most ``min_running`` of them run."""
+def _advance_local(solver, carry, problem, limits):
+    """Step the running genes of ``carry`` until at most ``limits[1]`` of them run.
+
+    ``limits`` = (max_steps, min_running) is traced: one program serves every stage
+    length and stopping point.
+    """
+    max_steps, min_running = limits[0], limits[1]
 
     def cond(carry):
         return jnp.sum(_running(carry, max_steps)) > min_running
@@ -108,75 +94,116 @@ def _advance_local(solver, carry, problem, max_steps, min_running):
     return jax.lax.while_loop(cond, body, carry)
 
 
-@partial(jax.jit, static_argnames=("solver", "max_steps", "min_running"))
-def _advance(solver, carry, problem, max_steps, min_running):
+@partial(jax.jit, static_argnames=("solver",))
+def _advance(solver, carry, problem, limits):
     """:func:`_advance_local` on each device's share of the genes, independently.
 
     With several local devices the genes are split over them (``shard_map``) and each
     device runs its own loop, without communication: ``min_running`` is then per device.
     """
-    local = partial(_advance_local, solver, max_steps=max_steps, min_running=min_running // _devices.n_devices())
-    return _on_devices(local, (P("genes"), _problem_specs()), P("genes"))(carry, problem)
+    local = partial(_advance_local, solver)
+    return _on_devices(local, (P("genes"), _problem_specs(), P()), P("genes"))(carry, problem, limits)
 
 
-def run_stage(solver, theta, skip, chunk, max_steps):
-    """Run ``solver`` on every gene of a chunk until each is done or ``max_steps`` is hit.
+class Unit(NamedTuple):
+    """A chunk of genes to fit, on the host.
 
-    Every gene follows the same trajectory whatever chunk or device it is in: compaction
-    only moves running genes (with their solver state) into a smaller chunk.
+    Attributes
+    ----------
+    genes : ndarray of int, shape (n_rows,)
+        Index of each row's gene in the estimator; -1 for padding rows.
+    theta : ndarray, shape (n_rows, P)
+        Starting coefficients.
+    skip : ndarray of bool, shape (n_rows,)
+        Rows not to fit (padding, all-zero genes).
+    chunk : nbfit._problem.Chunk
+    """
+
+    genes: np.ndarray
+    theta: np.ndarray
+    skip: np.ndarray
+    chunk: object
+
+
+class _Waiting(NamedTuple):
+    """Running genes of a stopped chunk: gene indices, loop state (host) and data rows."""
+
+    genes: np.ndarray
+    carry: _Carry
+    chunk: object
+
+
+def run_stage(solver, units, max_steps, write):
+    """Run ``solver`` on every gene of ``units`` until each is done or ``max_steps`` is hit.
+
+    Each unit runs until at most a quarter of its genes still run; those wait and are
+    packed with the waiting genes of other units into a unit of the same size, which runs
+    the same way. The last unit runs to the end. Every gene follows the same trajectory
+    whatever unit or device it is in (genes never interact).
 
     Parameters
     ----------
     solver : a solver stage from :mod:`nbfit._solvers` (hashable, static)
-    theta : Array, shape (n_genes_chunk, P)
-        Starting coefficients.
-    skip : Array, shape (n_genes_chunk,), bool
-        Genes not to fit (padding, all-zero genes); returned unchanged.
-    chunk : nbfit._problem.Chunk
-        The chunk's data (n_genes_chunk rows).
+    units : iterable of Unit
+        All with the same number of rows.
     max_steps : int
-
-    Returns
-    -------
-    StageResult
+    write : callable ``(genes, theta, n_steps, converged, done)``
+        Called with the rows (host arrays) of the genes that are finished.
     """
-    problem = chunk.problem()
-    carry = _start(solver, theta, skip, problem)
-    size = theta.shape[0]
     devices = _devices.n_devices()
-    result = None
-    index = np.arange(size)  # chunk row of each gene of the current (sub)chunk
-    while True:
-        target = size // 4 // devices * devices  # each device keeps an equal share
-        if target < MIN_COMPACT:
-            target = 0
-        carry = _advance(solver, carry, problem, max_steps, target)
-        if result is None and target == 0:
-            return StageResult(carry.theta, carry.n_steps, carry.converged, carry.done)
-        if result is None:
-            result = jax.tree_util.tree_map(np.array, carry)
-        running = np.flatnonzero(np.asarray(_running(carry, max_steps)))
-        _scatter(result, carry, index)
-        if running.size == 0 or target == 0:
-            break
-        # Gather the running genes into a chunk of size // 4, padded with done genes.
-        size = target
-        rows = np.concatenate([running, np.full(size - running.size, running[0])])
-        padding = np.arange(size) >= running.size
-        carry = jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], carry)
-        carry = carry._replace(done=carry.done | padding, converged=carry.converged | padding)
-        carry = jax.tree_util.tree_map(_devices.put_genes, carry)
-        chunk = chunk.select(rows, running.size)
-        problem = chunk.problem()
-        index = np.where(padding, -1, index[rows])
-    return StageResult(result.theta, result.n_steps, result.converged, result.done)
+    waiting = []
+    units = iter(units)
+    unit = next(units, None)
+    size = None if unit is None else unit.genes.size
+    while unit is not None or waiting:
+        # A packed unit is at least 3/4 full (each waiting group holds at most 1/4), so
+        # it always makes progress.
+        if unit is not None and sum(w.genes.size for w in waiting) < size:
+            genes, chunk = unit.genes, unit.chunk
+            problem = chunk.problem()
+            carry = _start(solver, _devices.put_genes(unit.theta.astype(chunk.counts.dtype)),
+                           _devices.put_genes(unit.skip), problem)
+            unit = next(units, None)
+        else:
+            genes, carry, chunk, waiting = _pack(waiting, size)
+            problem = chunk.problem()
+        target = size // 4 // devices * devices
+        if target < MIN_PACK or (unit is None and not waiting):
+            target = 0  # the last unit (or a small one) runs to the end
+        limits = _devices.put_shared(np.array([max_steps, target // devices], np.int32))
+        carry = jax.tree_util.tree_map(np.asarray, _advance(solver, carry, problem, limits))
+        running = _running(carry, max_steps) & (genes >= 0)
+        finished = ~running & (genes >= 0)
+        write(genes[finished], carry.theta[finished], carry.n_steps[finished], carry.converged[finished],
+              carry.done[finished])
+        if running.any():
+            rows = np.flatnonzero(running)
+            waiting.append(_Waiting(genes[rows], jax.tree_util.tree_map(lambda x: x[rows], carry),
+                                    chunk.select(rows, rows.size)))
 
 
-def _scatter(result, carry, index):
-    """Write the genes of a (sub)chunk ``carry`` back into ``result`` (rows ``index``)."""
-    real = index >= 0
-    for name in ("theta", "n_steps", "converged", "done"):
-        getattr(result, name)[index[real]] = np.asarray(getattr(carry, name))[real]
+def _pack(waiting, size):
+    """(genes, device carry, chunk, rest of waiting): waiting genes packed into ``size`` rows.
+
+    Takes whole groups in order while they fit (each holds at most a quarter of ``size``);
+    padding rows are done genes (-1) without histogram entries.
+    """
+    taken, n = [], 0
+    while waiting and n + waiting[0].genes.size <= size:
+        taken.append(waiting[0])
+        n += waiting[0].genes.size
+        waiting = waiting[1:]
+    padding = size - n
+    genes = np.concatenate([w.genes for w in taken] + [np.full(padding, -1)])
+
+    def stack(*leaves):
+        rows = np.concatenate(leaves)
+        return np.concatenate([rows, np.repeat(rows[:1], padding, axis=0)])
+
+    carry = jax.tree_util.tree_map(stack, *[w.carry for w in taken])
+    carry = carry._replace(done=carry.done | (genes < 0), converged=carry.converged | (genes < 0))
+    chunk = _problem.stack_chunks([w.chunk for w in taken], size)
+    return genes, jax.tree_util.tree_map(_devices.put_genes, carry), chunk, waiting
 
 
 class Evaluation(NamedTuple):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nbfit import _devices
-from nbfit._histogram import capacity, device_layout, device_loads, select_genes
+from nbfit._histogram import CountHistogram, capacity, device_layout, device_loads, select_genes
 from nbfit._likelihood import count_part, irls_weights, mean_part, mean_part_derivatives
 
 
@@ -150,6 +150,24 @@ class Chunk(NamedTuple):
         load = device_loads(histogram, len(rows), _devices.n_devices()).max(initial=0)
         size = self.size if load <= self.size else capacity(load)
         return Chunk(self.counts[rows], histogram, self.shared, size)
+
+
+def stack_chunks(chunks, n_rows):
+    """One :class:`Chunk` of the rows of ``chunks`` in order, padded to ``n_rows`` rows.
+
+    Padding rows have zero counts and no histogram entries.
+    """
+    counts = np.concatenate([c.counts for c in chunks])
+    counts = np.concatenate([counts, np.zeros((n_rows - counts.shape[0], counts.shape[1]), counts.dtype)])
+    offsets = np.cumsum([0] + [c.counts.shape[0] for c in chunks[:-1]])
+    histogram = CountHistogram(*(
+        np.concatenate([getattr(c.histogram, name) + (offset if name == "genes" else 0)
+                        for c, offset in zip(chunks, offsets, strict=True)])
+        for name in CountHistogram._fields
+    ))
+    load = device_loads(histogram, n_rows, _devices.n_devices()).max(initial=0)
+    size = max(c.size for c in chunks)
+    return Chunk(counts, histogram, chunks[0].shared, size if load <= size else capacity(load))
 
 
 def split(theta, problem):

@@ -316,10 +316,11 @@ _SHARDED_FIT = textwrap.dedent("""
     seen = []
     advance = _loop._advance
 
-    def recording(solver, carry, problem, max_steps, min_running):
+    def recording(solver, carry, problem, limits):
         sharding = carry.theta.sharding
-        seen.append([carry.theta.shape[0], len(sharding.device_set), sharding.is_fully_replicated])
-        return advance(solver, carry, problem, max_steps, min_running)
+        seen.append([carry.theta.shape[0], len(sharding.device_set), sharding.is_fully_replicated,
+                     int(limits[1])])
+        return advance(solver, carry, problem, limits)
 
     _loop._advance = recording
     path, out = sys.argv[1:]
@@ -332,8 +333,9 @@ _SHARDED_FIT = textwrap.dedent("""
 def test_chunks_are_sharded_over_four_local_devices(tmp_path):
     """4 forced CPU devices: every loop's genes split over all 4, same fit as one device.
 
-    330 genes with ``batch_size=300``: a full chunk that is compacted (300 -> 72 rows, a
-    multiple of 4) and a partial one; the single-device fit compacts 300 -> 75.
+    330 genes with ``batch_size=300``: a full chunk that stops once at most 72 genes run
+    (18 per device), a partial one, and the slow genes of both packed into a third loop of
+    the same 300 rows. Packing changes nothing: the fit equals one chunk of all genes.
     """
     data = nbfit.simulate(n_cells=60, n_genes=330, seed=3)
     path = tmp_path / "counts.h5ad"
@@ -344,10 +346,15 @@ def test_chunks_are_sharded_over_four_local_devices(tmp_path):
                    env=env, check=True, capture_output=True)
     sharded = np.load(tmp_path / "out.npz")
     assert int(sharded["devices"]) == 4
-    rows, devices, replicated = sharded["seen"].T
+    rows, devices, replicated, stop_at = sharded["seen"].T
     assert np.all(devices == 4) and not np.any(replicated)
-    assert 72 in rows, f"no compacted loop: rows {sorted(set(rows))}"
+    assert np.all(rows == 300), f"loops of {sorted(set(rows))} rows: one shape expected"
+    assert list(stop_at) == [18, 18, 0], f"loops stopping at {list(stop_at)} running genes per device"
     single = nbfit.fit(data, formula_loc="~1+condition", batch_size=300, progress=False)
+    whole = nbfit.fit(data, formula_loc="~1+condition", batch_size=330, progress=False)
+    np.testing.assert_array_equal(single.status, whole.status)
+    np.testing.assert_array_equal(single.n_steps, whole.n_steps)
+    np.testing.assert_allclose(single.log_likelihood, whole.log_likelihood, rtol=1e-12)
     # Per-device shapes change XLA's rounding (not the arithmetic): a gene at the
     # convergence threshold may take one step more or less, to the same optimum.
     assert np.abs(sharded["n_steps"] - single.n_steps).max() <= 1

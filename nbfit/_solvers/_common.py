@@ -163,14 +163,21 @@ class LineSearchResult(NamedTuple):
     accepted: jax.Array
 
 
+#: Phases of a gene in the line search.
+_BACKTRACK, _EXPAND, _DONE = 0, 1, 2
+
+
 def line_search(objective, theta, value, direction, slope, problem, active, expand=True):
     """Backtracking Armijo line search along an ascent direction per gene, with extrapolation.
 
     Tries step 1, halves it until the log-likelihood rises by ``ARMIJO * t * slope``;
     if the full step gains more than a quadratic model predicts, tries longer steps while
     they keep improving. The log-likelihood never decreases: without an acceptable step
-    the gene stays where it is (``accepted`` False). Each trial evaluates every gene;
-    genes that are not ``active`` (done) never ask for another one.
+    the gene stays where it is (``accepted`` False). Genes that are not ``active`` (done)
+    take no step.
+
+    One loop holds both phases, so ``objective`` is traced (and compiled) once; each pass
+    evaluates every gene at its own trial step.
 
     Parameters
     ----------
@@ -182,45 +189,32 @@ def line_search(objective, theta, value, direction, slope, problem, active, expa
     active : Array, shape (n_genes,), bool
     """
     noise = noise_level(value)
+    may_expand = active & (slope > noise) & expand
 
-    def trial(t):
-        return objective(theta + t[:, None] * direction, problem)
-
-    def acceptable(t, v):
+    def trial(carry):
+        t, phase, halvings, expansions, best_t, best_v = carry
+        v = objective(theta + t[:, None] * direction, problem)
         sufficient = v >= value + ARMIJO * t * slope
         within_noise = (slope <= noise) & (v >= value - noise)
-        return jnp.isfinite(v) & (sufficient | within_noise)
+        backtracking, expanding = phase == _BACKTRACK, phase == _EXPAND
+        accepted = backtracking & jnp.isfinite(v) & (sufficient | within_noise)
+        rejected = backtracking & ~accepted
+        grow = accepted & may_expand & (t == 1.0) & (v - value > EXPAND_RATIO * slope + noise)
+        better = expanding & jnp.isfinite(v) & (v > best_v + noise)
+        expansions = expansions + better
+        keep = accepted | better
+        go_on = (rejected & (halvings < MAX_HALVINGS)) | grow | (better & (expansions < MAX_EXPANSIONS))
+        phase = jnp.where(go_on, jnp.where(backtracking & ~grow, _BACKTRACK, _EXPAND), _DONE)
+        t_next = jnp.where(rejected, 0.5 * t, EXPAND_FACTOR * t)
+        return (jnp.where(go_on, t_next, t), phase, halvings + rejected, expansions,
+                jnp.where(keep, t, best_t), jnp.where(keep, v, best_v))
 
-    def backtracking(carry):
-        t, v, k = carry
-        return active & ~acceptable(t, v) & (k < MAX_HALVINGS)
-
-    def backtrack_body(carry):
-        t, v, k = carry
-        halve = backtracking(carry)
-        t = jnp.where(halve, 0.5 * t, t)
-        return t, jnp.where(halve, trial(t), v), k + halve
-
-    one = jnp.ones_like(value)
-    start = (one, trial(one), jnp.zeros(value.shape, jnp.int32))
-    t, v, _ = jax.lax.while_loop(lambda carry: jnp.any(backtracking(carry)), backtrack_body, start)
-    accepted = acceptable(t, v)
-
-    if expand:
-        def expand_body(carry):
-            t, v, going, k = carry
-            t_new = jnp.where(going, EXPAND_FACTOR * t, t)
-            v_new = trial(t_new)
-            better = going & jnp.isfinite(v_new) & (v_new > v + noise)
-            return jnp.where(better, t_new, t), jnp.where(better, v_new, v), better, k + 1
-
-        going = active & accepted & (t == 1.0) & (slope > noise) & (v - value > EXPAND_RATIO * slope + noise)
-        t, v, _, _ = jax.lax.while_loop(
-            lambda carry: jnp.any(carry[2]) & (carry[3] < MAX_EXPANSIONS), expand_body, (t, v, going, 0)
-        )
-
-    new_theta = jnp.where(accepted[:, None], theta + t[:, None] * direction, theta)
-    return LineSearchResult(new_theta, jnp.where(accepted, v, value), accepted)
+    start = (jnp.ones_like(value), jnp.where(active, _BACKTRACK, _DONE), jnp.zeros(value.shape, jnp.int32),
+             jnp.zeros(value.shape, jnp.int32), jnp.zeros_like(value), jnp.full_like(value, -jnp.inf))
+    _, _, _, _, best_t, best_v = jax.lax.while_loop(lambda carry: jnp.any(carry[1] != _DONE), trial, start)
+    accepted = best_t > 0
+    new_theta = jnp.where(accepted[:, None], theta + best_t[:, None] * direction, theta)
+    return LineSearchResult(new_theta, jnp.where(accepted, best_v, value), accepted)
 
 
 def finished(decrement, search, value, tol):

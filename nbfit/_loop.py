@@ -2,7 +2,9 @@
 
 A chunk has a fixed shape (``n_genes_chunk`` genes, padded), so a stage compiles once
 per solver and shape. Genes that are done are frozen with ``where``; the loop runs while
-any gene of the chunk is not done and fewer than ``max_steps`` steps were taken.
+more than a given number of genes of the chunk are not done and below ``max_steps``
+steps; the slow genes left then wait to be packed with those of other chunks
+(:func:`run_stage`).
 """
 
 from functools import partial
@@ -243,13 +245,7 @@ def evaluate(theta, problem, scale_groups):
 
     def local(theta, problem, scale_groups):
         value, grad, hess = _problem.derivatives(theta, problem)
-        eta_mean, eta_scale = _problem.linear_predictors(theta, problem)
         constant = _problem.per_gene(problem.entry_weights * log_likelihood_constant(problem.entry_values), problem)
-        counts = problem.counts
-        real = jnp.isfinite(problem.log_size_factors)  # not a padding cell
-        min_eta = jnp.min(jnp.where((counts == 0) & real, eta_mean, jnp.inf), axis=1)
-        max_eta_scale = jnp.max(jnp.where(real, eta_scale, -jnp.inf), axis=1)
-        score = ((counts - jnp.exp(eta_mean)) ** 2 - counts) @ scale_groups
-        return Evaluation(value + constant, grad, hess, min_eta, max_eta_scale, score.min(axis=1, initial=jnp.inf))
+        return Evaluation(value + constant, grad, hess, *_problem.diagnostics(theta, problem, scale_groups))
 
     return _on_devices(local, (P("genes"), _problem_specs(), P()), P("genes"))(theta, problem, scale_groups)

@@ -11,9 +11,10 @@ each of its many elementwise intermediates in memory; a tile's stay in the cache
 makes a pass over the matrix about three times faster), the special-function
 ``count_part`` over the flat
 histogram of distinct (count, scale group) pairs of the chunk (:mod:`nbfit._histogram`),
-whose entries are summed per gene. Observation-level derivatives come from JAX autodiff of
-``count_part`` (forward mode) and written out for ``mean_part``; gene-level gradients and Hessians are
-assembled from them with the designs (``g = X^T w``, ``H = X^T diag(W) X``).
+whose entries are summed per gene. Observation-level derivatives are written out
+(``mean_part_derivatives``, ``count_part_derivatives`` of :mod:`nbfit._likelihood`);
+gene-level gradients and Hessians are assembled from them with the designs
+(``g = X^T w``, ``H = X^T diag(W) X``).
 """
 
 from typing import NamedTuple
@@ -24,7 +25,7 @@ import numpy as np
 
 from nbfit import _devices
 from nbfit._histogram import CountHistogram, capacity, device_layout, device_loads, select_genes
-from nbfit._likelihood import count_part, irls_weights, mean_part, mean_part_derivatives
+from nbfit._likelihood import count_part, count_part_derivatives, irls_weights, mean_part, mean_part_derivatives
 
 
 class Problem(NamedTuple):
@@ -176,40 +177,63 @@ def split(theta, problem):
     return theta[:, :p_loc], theta[:, p_loc:]
 
 
-def linear_predictors(theta, problem):
-    """``eta_mean = X_loc a + log sf`` and ``eta_scale = X_scale b``, each (n_genes, n_cells)."""
-    a, b = split(theta, problem)
-    eta_mean = a @ problem.design_loc.T + problem.log_size_factors
-    eta_scale = b @ problem.design_scale.T
-    return eta_mean, eta_scale
-
-
-def _cell_sums(theta, problem, terms):
-    """Sum over cell tiles of ``terms(eta_mean, eta_scale, y, x_loc, x_scale)``.
+def _cell_sums(theta, problem, terms, combine=jnp.add, per_cell=()):
+    """Sum over cell tiles of ``terms(eta_mean, eta_scale, y, x_loc, x_scale, *per_cell)``.
 
     ``terms`` gets one tile: linear predictors and counts of shape (n_genes, tile), design
-    rows (tile, p_loc) and (tile, p_scale); it returns a pytree of per-gene arrays.
+    rows (tile, p_loc) and (tile, p_scale) and the tile's rows of each ``per_cell`` array
+    (n_cells, ...); it returns a pytree of per-gene arrays, combined over tiles with
+    ``combine`` (a function, or a pytree of functions matching the output).
     """
     a, b = split(theta, problem)
     n_cells = problem.counts.shape[1]
     tile = min(CELL_TILE, n_cells)
 
     def one(start):
-        def cells(array, axis):
+        def cells(array, axis=0):
             return jax.lax.dynamic_slice_in_dim(array, start, tile, axis=axis)
 
-        x_loc, x_scale = cells(problem.design_loc, 0), cells(problem.design_scale, 0)
-        eta_mean = a @ x_loc.T + cells(problem.log_size_factors, 0)
-        return terms(eta_mean, b @ x_scale.T, cells(problem.counts, 1), x_loc, x_scale)
+        x_loc, x_scale = cells(problem.design_loc), cells(problem.design_scale)
+        eta_mean = a @ x_loc.T + cells(problem.log_size_factors)
+        return terms(eta_mean, b @ x_scale.T, cells(problem.counts, 1), x_loc, x_scale, *map(cells, per_cell))
 
     first = one(0)
     if n_cells == tile:
         return first
+    if callable(combine):
+        combine = jax.tree_util.tree_map(lambda _: combine, first)
 
     def body(k, total):
-        return jax.tree_util.tree_map(jnp.add, total, one(k * tile))
+        return jax.tree_util.tree_map(lambda f, x, y: f(x, y), combine, total, one(k * tile))
 
     return jax.lax.fori_loop(1, n_cells // tile, body, first)
+
+
+def diagnostics(theta, problem, scale_groups):
+    """Per gene: the quantities the fit status is read from.
+
+    Parameters
+    ----------
+    scale_groups : Array, shape (n_cells, n_groups)
+        One-hot membership of the cells in the distinct rows of the scale design
+        (n_groups may be 0; padding cells in none).
+
+    Returns
+    -------
+    min_eta_mean_zero, max_eta_scale, min_overdispersion_score : Array, shape (n_genes,)
+        Smallest ``log mu`` over the cells with a zero count (+inf if none); largest
+        ``log r``; smallest over the scale groups of ``sum((y - mu)^2 - y)`` (+inf
+        without groups).
+    """
+    def terms(eta_mean, eta_scale, y, x_loc, x_scale, groups):
+        real = jnp.isfinite(eta_mean)  # padding cells have mean 0
+        min_eta = jnp.min(jnp.where((y == 0) & real, eta_mean, jnp.inf), axis=1)
+        max_eta_scale = jnp.max(jnp.where(real, eta_scale, -jnp.inf), axis=1)
+        return min_eta, max_eta_scale, ((y - jnp.exp(eta_mean)) ** 2 - y) @ groups
+
+    min_eta, max_eta_scale, score = _cell_sums(theta, problem, terms, (jnp.minimum, jnp.maximum, jnp.add),
+                                               (scale_groups,))
+    return min_eta, max_eta_scale, score.min(axis=1, initial=jnp.inf)
 
 
 def _entry_eta_scale(theta, problem):
@@ -265,12 +289,7 @@ def _count_derivatives(theta, problem):
     def per_group(values):
         return jnp.zeros(shape, values.dtype).at[problem.entry_genes, problem.entry_groups].add(w * values)
 
-    # Forward mode over forward mode: one pass for all three, and half the compile time of
-    # nested reverse-mode grads.
-    def first(eta):
-        return jax.jvp(lambda e: count_part(y, e), (eta,), (jnp.ones_like(eta),))
-
-    (value, grad), (_, hess) = jax.jvp(first, (eta,), (jnp.ones_like(eta),))
+    value, grad, hess = count_part_derivatives(y, eta)
     return per_gene(w * value, problem), per_group(grad), per_group(hess)
 
 

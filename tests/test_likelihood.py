@@ -437,6 +437,25 @@ def test_histogram_layout_and_selection_keep_every_entry():
         device_layout(histogram, 12, 3, 4)
 
 
+def test_written_out_count_derivatives_match_autodiff():
+    """count_part_derivatives against forward-mode autodiff of count_part (checked against
+    mpmath above) on both sides of r = 10, from r = 1e-4 to the cap and beyond, y to 1e5."""
+    y, eta_scale = (np.array(v, dtype=np.float64).ravel() for v in np.meshgrid(
+        [0.0, 1.0, 2.0, 5.0, 9.0, 30.0, 1e3, 1e5],
+        [-9.0, -2.0, 0.0, 1.5, math.log(STIRLING_MIN) - 1e-9, math.log(STIRLING_MIN), 3.0, 7.0, 12.0,
+         LOG_R_CAP - 1e-6, LOG_R_CAP + 1.0]))
+
+    def first(eta):
+        return jax.jvp(lambda e: _likelihood.count_part(y, e), (eta,), (jnp.ones_like(eta),))
+
+    (value, d1), (_, d2) = jax.jvp(first, (eta_scale,), (jnp.ones_like(eta_scale),))
+    written = _likelihood.count_part_derivatives(y, eta_scale)
+    for name, got, want in zip(["value", "first", "second"], written, (value, d1, d2)):
+        want = np.asarray(want)
+        scale = np.maximum(1.0, np.abs(want))
+        assert np.max(np.abs(np.asarray(got) - want) / scale) < 1e-11, name
+
+
 def test_written_out_cell_derivatives_match_autodiff():
     """mean_part_derivatives against JAX autodiff of mean_part (itself checked against
     mpmath and scipy above), below and beyond the r cap and for extreme means."""

@@ -2,8 +2,8 @@
 
 The gene axis of every per-gene array is sharded over all local devices of the default
 backend (a 1-d mesh named ``genes``); designs and other shared arrays are replicated.
-Each solver loop runs on every device's share on its own (``shard_map`` in
-:mod:`nbfit._loop`); the evaluation is partitioned by jit. On a CPU, JAX shows one device unless the process starts with
+Each solver loop and the evaluation run on every device's share on its own (``shard_map``
+in :mod:`nbfit._loop`). On a CPU, JAX shows one device unless the process starts with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (one device per core to use).
 """
 

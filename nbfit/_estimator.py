@@ -25,6 +25,11 @@ DTYPES = {"float64": np.float64, "float32": np.float32}
 #: then take 32 MiB each in float64 (measured on 10k cells: as fast as one chunk of all
 #: 2,000 genes and a third of the memory).
 CHUNK_COUNTS = 2**22
+#: On CPUs, chunks hold at most this many genes per device: more, smaller chunks let the
+#: slow genes of several be packed together and keep a chunk's tiles in the cache
+#: (measured on 2 cores, 2,000 genes: 10k cells 5.3 s with 256 genes per chunk, 5.6 s with
+#: 400; 1k cells 1.5 s with 256, 3.5 s with one chunk of 2,000).
+CPU_GENES_PER_DEVICE = 128
 
 
 class Model:
@@ -443,9 +448,12 @@ class Estimator:
 
 
 def _resolve_batch_size(batch_size, n_cells, n_genes):
-    """Genes per chunk: as given, or by default equal chunks of at most ``CHUNK_COUNTS`` counts."""
+    """Genes per chunk: as given, or by default equal chunks of at most ``CHUNK_COUNTS``
+    counts (and, on CPUs, at most ``CPU_GENES_PER_DEVICE`` genes per device)."""
     if batch_size is None:
         n_chunks = -(-max(n_genes, 1) * max(n_cells, 1) // CHUNK_COUNTS)
+        if jax.default_backend() == "cpu":
+            n_chunks = max(n_chunks, -(-n_genes // (CPU_GENES_PER_DEVICE * _devices.n_devices())))
         return max(1, -(-n_genes // n_chunks))
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer (genes per chunk), got {batch_size!r}.")

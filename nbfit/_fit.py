@@ -75,7 +75,8 @@ def fit(
         of a sample-description column holding them.
     batch_size : int, optional
         Genes per compiled chunk. Bounds memory; never changes results. Default: equal
-        chunks of at most 2**22 counts (genes x cells) each.
+        chunks of at most 2**22 counts (genes x cells) each, and on CPUs of at most 128 genes
+        per device.
     training_strategy : str, callable or list of dict
         "AUTO"/"DEFAULT"/"NEWTON"/"NR" (joint Newton), "EXACT" (Newton, tighter
         tolerance), "IRLS", "QUICK" (IRLS, loose tolerance), "LBFGS"; or

@@ -16,7 +16,6 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from nbfit import _devices, _problem
-from nbfit._likelihood import log_likelihood_constant
 from nbfit._problem import SPLIT, Problem
 
 
@@ -24,7 +23,7 @@ from nbfit._problem import SPLIT, Problem
 #: the chunk stops; its running genes wait, with their solver state, to be packed with
 #: those of other chunks into a full chunk. Every chunk then has one shape (one compiled
 #: program) and a few slow genes do not set the cost of a whole chunk.
-MIN_PACK = 64
+MIN_PACK = 16
 
 
 class _Carry(NamedTuple):
@@ -49,6 +48,7 @@ def _on_devices(local, in_specs, out_specs):
 
 
 def _problem_specs():
+    """Partition specs of a :class:`Problem`: per-gene fields split, the rest replicated."""
     return Problem(*(P("genes") if split else P() for split in SPLIT))
 
 
@@ -244,8 +244,7 @@ def evaluate(theta, problem, scale_groups):
     """
 
     def local(theta, problem, scale_groups):
-        value, grad, hess = _problem.derivatives(theta, problem)
-        constant = _problem.per_gene(problem.entry_weights * log_likelihood_constant(problem.entry_values), problem)
-        return Evaluation(value + constant, grad, hess, *_problem.diagnostics(theta, problem, scale_groups))
+        value, grad, hess = _problem.derivatives(theta, problem, constant=True)
+        return Evaluation(value, grad, hess, *_problem.diagnostics(theta, problem, scale_groups))
 
     return _on_devices(local, (P("genes"), _problem_specs(), P()), P("genes"))(theta, problem, scale_groups)

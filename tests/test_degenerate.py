@@ -172,8 +172,8 @@ FLOAT32_KNOWN = {
     "counts_4e6": "ll sums of ~1e7 per cell resolve only ~500: b goes to -5.7, status singular",
     "counts_5e7": "counts above 2**24 are not exact in float32: nonfinite, a far off",
     "overdispersed_r0.05_mean1e3": "ll off by 0.07; runs to max_steps though a is right",
-    "overdispersed_r0.01": "ll of -149 sums lgamma terms of ~1e4 that cancel: float32 resolves it to "
-                           "~4e-3 (3e-5 relative, by the summation order); a and b match float64 to 1e-4",
+    "overdispersed_r0.01": "ll of -149 from lgamma terms of ~1e4 per count that cancel: float32 "
+                           "resolves it to ~2e-3 (1.4e-5 relative); a and b match float64 to 1e-4",
 }
 
 

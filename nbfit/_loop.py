@@ -181,7 +181,7 @@ def run_stage(solver, units, max_steps, write):
         if running.any():
             rows = np.flatnonzero(running)
             waiting.append(_Waiting(genes[rows], jax.tree_util.tree_map(lambda x: x[rows], carry),
-                                    chunk.select(rows, rows.size)))
+                                    chunk.select(rows)))
 
 
 def _pack(waiting, size):

@@ -150,17 +150,9 @@ class Chunk(NamedTuple):
             **self.shared,
         )
 
-    def select(self, rows, n_real):
-        """The chunk of rows ``rows`` of this one; only the first ``n_real`` carry entries.
-
-        The other rows are padding (done genes); keeping their entries out keeps the
-        histogram small. The entry size grows (to the next :func:`capacity`) only if the
-        selected genes do not fit.
-        """
-        histogram = select_genes(self.histogram, rows[:n_real])
-        load = device_loads(histogram, len(rows), _devices.n_devices()).max(initial=0)
-        size = self.size if load <= self.size else capacity(load)
-        return Chunk(self.counts[rows], histogram, self.shared, size)
+    def select(self, rows):
+        """The chunk of the rows ``rows`` of this one (its histogram entries renumbered)."""
+        return Chunk(self.counts[rows], select_genes(self.histogram, rows), self.shared, self.size)
 
 
 def stack_chunks(chunks, n_rows):

@@ -2,10 +2,11 @@
 
 Everything is written in the two linear predictors of an observation:
 ``eta_mean = log(mu)`` (the location linear predictor plus the log size factor) and
-``eta_scale = log(r)``. The log-likelihood is written once, as a scalar function of those
-two numbers, and its first and second derivatives come from JAX autodiff at that level
-(elementwise, cheap); gene-level gradients and Hessians are assembled from them with the
-design matrices in :mod:`nbfit._problem`.
+``eta_scale = log(r)``. The log-likelihood is split into ``count_part`` (depends on the
+count and r only) and ``mean_part``; each comes with its first and second derivatives
+written out (``count_part_derivatives``, ``mean_part_derivatives``, tested against JAX
+autodiff of the value functions). Gene-level gradients and Hessians are assembled from
+them with the design matrices in :mod:`nbfit._problem`.
 
 The log-gamma differences are evaluated without cancellation and without special
 functions: a Stirling series for arguments >= ``STIRLING_MIN`` and the recurrence
@@ -28,6 +29,10 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _SHIFT = 10
 
 
+#: Coefficients c_k of the Stirling tail: sum_k c_k x^-(2k+1).
+_TAIL = (1.0 / 12.0, -1.0 / 360.0, 1.0 / 1260.0, -1.0 / 1680.0, 1.0 / 1188.0, -691.0 / 360360.0)
+
+
 def _stirling_tail(x):
     """Stirling series of ``lgamma(x) - ((x - 1/2) log x - x + log(2 pi)/2)``, x >= 10.
 
@@ -35,19 +40,10 @@ def _stirling_tail(x):
     """
     inv = 1.0 / x
     inv2 = inv * inv
-    return inv * (
-        1.0 / 12.0
-        + inv2
-        * (
-            -1.0 / 360.0
-            + inv2
-            * (1.0 / 1260.0 + inv2 * (-1.0 / 1680.0 + inv2 * (1.0 / 1188.0 - inv2 * 691.0 / 360360.0)))
-        )
-    )
-
-
-#: Coefficients c_k of the Stirling tail: sum_k c_k x^-(2k+1).
-_TAIL = (1.0 / 12.0, -1.0 / 360.0, 1.0 / 1260.0, -1.0 / 1680.0, 1.0 / 1188.0, -691.0 / 360360.0)
+    series = 0.0
+    for c in reversed(_TAIL):
+        series = c + inv2 * series
+    return inv * series
 
 
 def _stirling_tail_derivatives(x):

@@ -107,7 +107,8 @@ def fit_on_client(client, counts, loc, scale, size_factors=None, init_a="closed_
         "allow_noninteger": allow_noninteger,
         "cells": pd.DataFrame(index=counts.sample_description.index),
     }
-    shared_ref = runner.share(shared)
+    # The settings travel inside every task, like in-memory chunks: scattered data held
+    # only by a worker that dies cannot be recovered, and every task depending on it fails.
     show = _progress.enabled(progress)
 
     # Round 1: read and check every chunk, and the histogram entries of the largest.
@@ -120,7 +121,7 @@ def fit_on_client(client, counts, loc, scale, size_factors=None, init_a="closed_
         bar = _progress.Bar(show, len(chunks), desc="nbfit reading")
         tasks = {
             k: (_scan_task, (runner.chunk_input(counts.counts, start, stop), start, stop,
-                             names[start:stop], shared_ref))
+                             names[start:stop], shared))
             for k, (start, stop) in enumerate(chunks)
         }
         results, failures = runner.run(tasks, bar, "scan")
@@ -137,7 +138,7 @@ def fit_on_client(client, counts, loc, scale, size_factors=None, init_a="closed_
     for k, (start, stop) in enumerate(chunks):
         args = (
             runner.chunk_input(counts.counts, start, stop), start, stop, names[start:stop],
-            _init_slice(init_a, start, stop), _init_slice(init_b, start, stop), shared_ref,
+            _init_slice(init_a, start, stop), _init_slice(init_b, start, stop), shared,
             capacity(entries), k == 0,
         )
         tasks[k] = (_fit_task, args)
@@ -230,9 +231,6 @@ class _ExecutorRunner:
         self.attempts = retries + 1
         self.window = 2 * max(1, int(getattr(executor, "_max_workers", 4) or 4))
 
-    def share(self, value):
-        return value
-
     def chunk_input(self, counts, start, stop):
         return _chunk_input(counts, start, stop, dask_client=None)
 
@@ -280,10 +278,6 @@ class _DaskRunner:
         self.token = uuid.uuid4().hex[:8]
         n_workers = len(client.scheduler_info().get("workers", {})) or 1
         self.window = max(4, 4 * n_workers)
-
-    def share(self, value):
-        [future] = self.client.scatter([value], broadcast=True, hash=False)
-        return future
 
     def chunk_input(self, counts, start, stop):
         return _chunk_input(counts, start, stop, dask_client=self.client)

@@ -123,11 +123,16 @@ def device_loads(histogram, n_rows, n_devices):
 
 
 def capacity(entries):
-    """Entries per device for a load of ``entries``: the next power of two, at least 256.
+    """Entries per device for a load of ``entries``: at least 256, rounded up to 1, 1.25, 1.5
+    or 1.75 times a power of two.
 
-    Rounding up keeps the number of compiled shapes small across chunks.
+    Rounding up keeps the number of compiled shapes small across chunks; quarter steps
+    waste at most a quarter of the entries (a power of two wasted up to half, and the
+    count part is a fifth of an iteration).
     """
-    return 1 << max(8, int(np.ceil(np.log2(max(entries, 1)))))
+    entries = max(int(entries), 256)
+    step = 1 << max(int(entries).bit_length() - 3, 0)  # a quarter of the power of two below
+    return -(-entries // step) * step
 
 
 def device_layout(histogram, n_rows, n_devices, size):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from nbfit import _problem
-from nbfit._solvers._common import LineSearchResult, ascent_direction, finished, line_search
+from nbfit._solvers._common import LineSearchResult, ascent_direction, finished, line_search, within_cap
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class IRLS:
         moved = jnp.zeros(value.shape, bool)
         if self.update_loc:
             value, grad_loc, info_loc = _problem.fisher_location(theta, problem)
-            direction_loc = ascent_direction(grad_loc, -info_loc, jnp.ones(p_loc, bool))
+            direction_loc = ascent_direction(grad_loc, -info_loc, jnp.ones(p_loc, bool), active)
             slope = jnp.sum(grad_loc * direction_loc, axis=1)
             direction = jnp.zeros_like(theta).at[:, :p_loc].set(direction_loc)
             search = line_search(_problem.objective, theta, value, direction, slope, problem, active)
@@ -49,10 +49,12 @@ class IRLS:
             decrement, moved = decrement + slope, moved | search.accepted
         if self.update_scale:
             value, grad_scale, hess_scale = _problem.scale_derivatives(theta, problem)
-            direction_scale = ascent_direction(grad_scale, hess_scale, jnp.ones(theta.shape[1] - p_loc, bool))
-            slope = jnp.sum(grad_scale * direction_scale, axis=1)
+            free = jnp.ones(theta.shape[1] - p_loc, bool)
+            direction_scale = ascent_direction(grad_scale, hess_scale, free, active)
             direction = jnp.zeros_like(theta).at[:, p_loc:].set(direction_scale)
-            search = line_search(_problem.objective, theta, value, direction, slope, problem, active)
+            direction, first = within_cap(theta, direction, problem)
+            slope = jnp.sum(grad_scale * direction[:, p_loc:], axis=1)
+            search = line_search(_problem.objective, theta, value, direction, slope, problem, active, first)
             theta, value = search.theta, search.value
             decrement, moved = decrement + slope, moved | search.accepted
         done, converged = finished(decrement, LineSearchResult(theta, value, moved), start, self.tol)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from nbfit import _problem
-from nbfit._solvers._common import ascent_direction, finished, free_mask, line_search
+from nbfit._solvers._common import ascent_direction, finished, free_mask, line_search, within_cap
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class Newton:
     def step(self, theta, state, problem, active):
         value, grad, hess = _problem.derivatives(theta, problem)
         free = free_mask(theta.shape[1], problem.design_loc.shape[1], self.update_loc, self.update_scale)
-        direction = ascent_direction(grad, hess, free)
+        direction, first = within_cap(theta, ascent_direction(grad, hess, free, active), problem)
         decrement = jnp.sum(grad * direction, axis=1)
-        search = line_search(_problem.objective, theta, value, direction, decrement, problem, active)
+        search = line_search(_problem.objective, theta, value, direction, decrement, problem, active, first)
         done, converged = finished(decrement, search, value, self.tol)
         return search.theta, state, done, converged

@@ -8,6 +8,7 @@ returns a :class:`Results`: a lightweight, read-only counterpart of the
 (``wald``, ``lrt``), but without the counts and without ``train``.
 """
 
+import functools
 import json
 from importlib import metadata
 
@@ -66,6 +67,12 @@ def describe_fit(formula_loc, formula_scale, as_numeric, size_factors, constrain
 
 def versions():
     """Versions of nbfit and the numerical stack, as a dict of str."""
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions():
+    """:func:`versions`, read once per process (package metadata takes ~30 ms to read)."""
     import jax
 
     import nbfit

@@ -278,9 +278,9 @@ def line_search(objective, theta, value, direction, slope, problem, active, firs
 
     Tries step ``first`` (1 by default), halves it until the log-likelihood rises by
     ``ARMIJO * t * slope``; if a full step gains more than a quadratic model predicts,
-    tries longer steps while they keep improving. The log-likelihood never decreases: without an acceptable step
-    the gene stays where it is (``accepted`` False). Genes that are not ``active`` (done)
-    take no step.
+    tries longer steps while they keep improving. The log-likelihood never decreases:
+    without an acceptable step the gene stays where it is (``accepted`` False). Genes
+    that are not ``active`` (done) take no step.
 
     One loop holds both phases, so ``objective`` is traced (and compiled) once; each pass
     evaluates every gene at its own trial step.
@@ -295,6 +295,8 @@ def line_search(objective, theta, value, direction, slope, problem, active, firs
     active : Array, shape (n_genes,), bool
     first : Array, shape (n_genes,), optional
         First trial step of each gene (:func:`within_cap`).
+    expand : bool or Array of bool, shape (n_genes,)
+        Genes whose full steps may be extrapolated.
     """
     noise = noise_level(value)
     may_expand = active & (slope > noise) & expand

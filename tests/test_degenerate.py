@@ -123,9 +123,11 @@ def test_float64_degenerate_fits_are_sensible(mixed, fit64):
     assert mu[~condition_b].max() < 1e-10
     np.testing.assert_allclose(mu[condition_b].mean(), counts[condition_b, column["zeros_in_group_A"]].mean(),
                                rtol=1e-6)
-    # Poisson limit: r at (or within rounding of) the cap.
+    # Poisson limit: steps are cut at the cap, so log r ends on it (or within AT_CAP of a
+    # step below it), and the fit converges.
     for gene in ("binomial_underdispersed", "constant_3"):
-        assert b[0, column[gene]] == pytest.approx(np.log(1e8), abs=1e-2)
+        assert np.log(1e8) - 1e-3 <= b[0, column[gene]] <= np.log(1e8)
+        assert fit64.converged[column[gene]]
     # Large counts: the intercept is the log of the group mean.
     for gene in ("counts_4e6", "counts_5e7"):
         y = counts[~condition_b, column[gene]]

@@ -494,3 +494,79 @@ def test_jacobi_eigen_matches_lapack(n):
     assert np.abs(np.einsum("gji,gjk->gik", vectors, vectors) - np.eye(n)).max() < 1e-13
     np.testing.assert_allclose(np.sort(values, axis=1), np.linalg.eigvalsh(matrices),
                                atol=1e-13 * scale.max(), rtol=0)
+
+
+def _eigen_modified_direction(matrix, grad):
+    """numpy reference: V diag(1/max(|lambda|, floor)) V^T grad for ``matrix`` = -H."""
+    values, vectors = np.linalg.eigh(matrix)
+    magnitude = np.abs(values)
+    floor = 100.0 * np.finfo(np.float64).eps * magnitude.max() + np.finfo(np.float64).tiny
+    return vectors @ ((vectors.T @ grad) / np.maximum(magnitude, floor))
+
+
+def test_ascent_direction_is_the_newton_step_or_the_modified_one():
+    """The unrolled Cholesky step equals a linear solve for definite -H (condition up to
+    1e10); indefinite or singular ones are flagged and get the |eigenvalue| direction."""
+    from nbfit._solvers._common import _cholesky_direction, ascent_direction
+
+    rng = np.random.default_rng(7)
+    n, genes = 5, 60
+    matrices, grads = [], rng.normal(size=(genes, n))
+    definite = np.ones(genes, bool)
+    for k in range(genes):
+        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        values = 10.0 ** rng.uniform(-6, 4, n)
+        if k % 3 == 1:
+            values[0] = -values[0]  # indefinite
+        if k % 6 == 2:
+            values[0] = 0.0  # singular
+        definite[k] = values.min() > 0
+        matrices.append((q * values) @ q.T)
+    matrices = np.array([(m + m.T) / 2 for m in matrices])
+    with jax.enable_x64(True):
+        newton, flagged = jax.jit(_cholesky_direction)(jnp.asarray(matrices), jnp.asarray(grads))
+        direction = jax.jit(ascent_direction)(jnp.asarray(grads), -jnp.asarray(matrices), jnp.ones(n, bool),
+                                              jnp.ones(genes, bool))
+    np.testing.assert_array_equal(np.asarray(flagged), definite)
+    solved = np.linalg.solve(matrices[definite], grads[definite][..., None])[..., 0]
+    np.testing.assert_allclose(np.asarray(newton)[definite], solved, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(direction)[definite], solved, rtol=1e-6)
+    for k in np.flatnonzero(~definite):
+        want = _eigen_modified_direction(matrices[k], grads[k])
+        np.testing.assert_allclose(np.asarray(direction)[k], want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+        assert grads[k] @ np.asarray(direction)[k] > 0  # an ascent direction
+
+
+def test_steps_are_cut_at_the_log_r_cap():
+    """A step crossing the cap ends on it if that keeps half of it, else at the first
+    halving below it; at the cap a single scale coefficient stops moving up."""
+    import types
+
+    from nbfit._solvers._common import within_cap
+
+    one_scale = types.SimpleNamespace(design_loc=np.zeros((1, 2)), scale_rows=np.ones((1, 1)))
+    b = LOG_R_CAP - np.array([10.0, 0.7, 0.3, 0.0, 0.0])
+    theta = np.stack([np.zeros(5), np.zeros(5), b], axis=1)
+    direction = np.array([[0.1, 0.2, 1.0]] * 4 + [[0.1, 0.2, -1.0]])
+    with jax.enable_x64(True):
+        cut, first = within_cap(jnp.asarray(theta), jnp.asarray(direction), one_scale)
+    np.testing.assert_allclose(np.asarray(first), [1.0, 0.7, 0.25, 1.0, 1.0])
+    expected = direction.copy()
+    expected[3, 2] = 0.0  # at the cap, rising: the scale part is dropped
+    np.testing.assert_array_equal(np.asarray(cut), expected)
+    # Two scale coefficients (two groups): cut the same way, but never dropped.
+    two_scales = types.SimpleNamespace(design_loc=np.zeros((1, 1)), scale_rows=np.array([[1.0, 0.0], [1.0, 1.0]]))
+    theta = np.array([[0.0, LOG_R_CAP - 2.0, 1.4], [0.0, LOG_R_CAP, 0.0]])
+    direction = np.array([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    with jax.enable_x64(True):
+        cut, first = within_cap(jnp.asarray(theta), jnp.asarray(direction), two_scales)
+    np.testing.assert_allclose(np.asarray(first), [0.25, 1.0])  # group 2 reaches the cap after 0.3
+    np.testing.assert_array_equal(np.asarray(cut), direction)
+
+
+def test_histogram_capacity_rounds_up_by_at_most_a_quarter():
+    loads = np.arange(1, 70000)
+    sizes = np.array([capacity(n) for n in loads])
+    assert np.all(sizes >= np.maximum(loads, 256))
+    assert np.all(sizes[loads >= 256] <= 1.25 * loads[loads >= 256])
+    assert len(np.unique(sizes)) <= 4 * 9  # four sizes per octave from 256

@@ -126,12 +126,12 @@ def capacity(entries):
     """Entries per device for a load of ``entries``: at least 256, rounded up to 1, 1.25, 1.5
     or 1.75 times a power of two.
 
-    Rounding up keeps the number of compiled shapes small across chunks; quarter steps
-    waste at most a quarter of the entries (a power of two wasted up to half, and the
-    count part is a fifth of an iteration).
+    Rounding up keeps the number of compiled shapes small across chunks (four per
+    octave); quarter steps waste at most a quarter of the entries, where the next power of
+    two wasted up to half.
     """
     entries = max(int(entries), 256)
-    step = 1 << max(int(entries).bit_length() - 3, 0)  # a quarter of the power of two below
+    step = 1 << (entries.bit_length() - 3)  # a quarter of the power of two below
     return -(-entries // step) * step
 
 

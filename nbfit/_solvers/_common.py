@@ -107,7 +107,8 @@ def _cholesky_direction(matrix, grad):
     """
     n = grad.shape[1]
     a = [[matrix[:, i, j] for j in range(n)] for i in range(n)]
-    floor = PIVOT_EPS * jnp.finfo(grad.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(matrix, axis1=1, axis2=2)), axis=1)
+    diagonal = jnp.diagonal(matrix, axis1=1, axis2=2)
+    floor = PIVOT_EPS * jnp.finfo(grad.dtype).eps * jnp.max(jnp.abs(diagonal), axis=1)
     definite = jnp.ones(grad.shape[0], bool)
     lower = [[None] * n for _ in range(n)]
     for j in range(n):
@@ -252,7 +253,8 @@ def within_cap(theta, direction, problem):
     rise = direction[:, p_loc:] @ rows.T
     room = jnp.maximum(LOG_R_CAP - theta[:, p_loc:] @ rows.T, 0.0)
     rising = rise > 0
-    limit = jnp.min(jnp.where(rising, room / jnp.where(rising, rise, 1.0), jnp.inf), axis=1, initial=jnp.inf)
+    steps = jnp.where(rising, room / jnp.where(rising, rise, 1.0), jnp.inf)
+    limit = jnp.min(steps, axis=1, initial=jnp.inf)
     at_cap = limit < AT_CAP
     if rows.shape[1] == 1:
         direction = jnp.where(at_cap[:, None] & (jnp.arange(direction.shape[1]) >= p_loc), 0.0, direction)
@@ -319,8 +321,9 @@ def line_search(objective, theta, value, direction, slope, problem, active, firs
         return (jnp.where(go_on, t_next, t), phase, halvings + rejected, expansions,
                 jnp.where(keep, t, best_t), jnp.where(keep, v, best_v))
 
-    start = (jnp.ones_like(value) if first is None else first, jnp.where(active, _BACKTRACK, _DONE), jnp.zeros(value.shape, jnp.int32),
-             jnp.zeros(value.shape, jnp.int32), jnp.zeros_like(value), jnp.full_like(value, -jnp.inf))
+    start = (jnp.ones_like(value) if first is None else first, jnp.where(active, _BACKTRACK, _DONE),
+             jnp.zeros(value.shape, jnp.int32), jnp.zeros(value.shape, jnp.int32), jnp.zeros_like(value),
+             jnp.full_like(value, -jnp.inf))
     _, _, _, _, best_t, best_v = jax.lax.while_loop(lambda carry: jnp.any(carry[1] != _DONE), trial, start)
     accepted = best_t > 0
     new_theta = jnp.where(accepted[:, None], theta + best_t[:, None] * direction, theta)

@@ -79,7 +79,8 @@ def _advance_local(solver, carry, problem, limits):
 
     def body(carry):
         moving = _running(carry, max_steps)
-        new_theta, new_state, new_done, new_converged = solver.step(carry.theta, carry.state, problem, moving)
+        new_theta, new_state, new_done, new_converged = solver.step(carry.theta, carry.state, problem, moving,
+                                                                    carry.n_steps)
 
         def keep(old, new):
             mask = moving.reshape(moving.shape + (1,) * (old.ndim - 1))

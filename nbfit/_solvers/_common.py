@@ -23,6 +23,11 @@ MAX_HALVINGS = 40
 #: were extrapolated too: on 2,000 genes, 314 extra trials of a whole chunk, 23 of which
 #: gained anything.
 EXPAND_RATIO = 0.6
+#: Steps are extrapolated only from this step of a stage on. Ordinary genes converge in 3
+#: to 4 Newton steps, and their first steps, far from the optimum, may gain more than a
+#: quadratic predicts without any exponential tail; each extrapolation trial costs an
+#: evaluation of the whole chunk. Genes on a tail are still running here.
+EXPAND_AFTER = 3
 #: Each extrapolation multiplies the step by this, at most ``MAX_EXPANSIONS`` times.
 EXPAND_FACTOR = 4.0
 MAX_EXPANSIONS = 4

@@ -5,7 +5,14 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from nbfit import _problem
-from nbfit._solvers._common import LineSearchResult, ascent_direction, finished, line_search, within_cap
+from nbfit._solvers._common import (
+    EXPAND_AFTER,
+    LineSearchResult,
+    ascent_direction,
+    finished,
+    line_search,
+    within_cap,
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,8 @@ class IRLS:
     def init(self, theta, problem):
         return ()
 
-    def step(self, theta, state, problem, active):
+    def step(self, theta, state, problem, active, n_steps):
+        expand = n_steps >= EXPAND_AFTER
         p_loc = problem.design_loc.shape[1]
         start = value = _problem.objective(theta, problem)
         decrement = jnp.zeros_like(value)
@@ -44,7 +52,8 @@ class IRLS:
             direction_loc = ascent_direction(grad_loc, -info_loc, jnp.ones(p_loc, bool), active)
             slope = jnp.sum(grad_loc * direction_loc, axis=1)
             direction = jnp.zeros_like(theta).at[:, :p_loc].set(direction_loc)
-            search = line_search(_problem.objective, theta, value, direction, slope, problem, active)
+            search = line_search(_problem.objective, theta, value, direction, slope, problem, active,
+                                 expand=expand)
             theta, value = search.theta, search.value
             decrement, moved = decrement + slope, moved | search.accepted
         if self.update_scale:
@@ -54,7 +63,8 @@ class IRLS:
             direction = jnp.zeros_like(theta).at[:, p_loc:].set(direction_scale)
             direction, first = within_cap(theta, direction, problem)
             slope = jnp.sum(grad_scale * direction[:, p_loc:], axis=1)
-            search = line_search(_problem.objective, theta, value, direction, slope, problem, active, first)
+            search = line_search(_problem.objective, theta, value, direction, slope, problem, active, first,
+                                 expand)
             theta, value = search.theta, search.value
             decrement, moved = decrement + slope, moved | search.accepted
         done, converged = finished(decrement, LineSearchResult(theta, value, moved), start, self.tol)

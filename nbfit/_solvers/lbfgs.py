@@ -99,7 +99,7 @@ class LBFGS:
             newest=jnp.where(keep, slot, state.newest),
         )
 
-    def step(self, theta, state, problem, active):
+    def step(self, theta, state, problem, active, n_steps):
         free = self._free(theta, problem)
         direction = jax.vmap(self._direction)(state)
         slope = jnp.sum(state.grad * direction, axis=1)

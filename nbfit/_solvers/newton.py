@@ -5,13 +5,14 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from nbfit import _problem
-from nbfit._solvers._common import ascent_direction, finished, free_mask, line_search, within_cap
-
-#: Steps are extrapolated (``line_search(expand=...)``) only from this step on. Ordinary
-#: genes converge in 3 to 4 steps, and their first steps, far from the optimum, may gain
-#: more than a quadratic predicts without any exponential tail; each extrapolation trial
-#: costs an evaluation of the whole chunk. Genes on a tail are still running here.
-EXPAND_AFTER = 3
+from nbfit._solvers._common import (
+    EXPAND_AFTER,
+    ascent_direction,
+    finished,
+    free_mask,
+    line_search,
+    within_cap,
+)
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,14 @@ class Newton:
     update_scale: bool = True
 
     def init(self, theta, problem):
-        return jnp.zeros(theta.shape[0], jnp.int32)  # steps taken
+        return ()
 
-    def step(self, theta, state, problem, active):
+    def step(self, theta, state, problem, active, n_steps):
         value, grad, hess = _problem.derivatives(theta, problem)
         free = free_mask(theta.shape[1], problem.design_loc.shape[1], self.update_loc, self.update_scale)
         direction, first = within_cap(theta, ascent_direction(grad, hess, free, active), problem)
         decrement = jnp.sum(grad * direction, axis=1)
         search = line_search(_problem.objective, theta, value, direction, decrement, problem, active, first,
-                             expand=state >= EXPAND_AFTER)
+                             expand=n_steps >= EXPAND_AFTER)
         done, converged = finished(decrement, search, value, self.tol)
-        return search.theta, state + 1, done, converged
+        return search.theta, state, done, converged

@@ -570,3 +570,35 @@ def test_histogram_capacity_rounds_up_by_at_most_a_quarter():
     assert np.all(sizes >= np.maximum(loads, 256))
     assert np.all(sizes[loads >= 256] <= 1.25 * loads[loads >= 256])
     assert len(np.unique(sizes)) <= 4 * 9  # four sizes per octave from 256
+
+
+def test_newton_stops_once_the_next_step_is_predicted_negligible():
+    """The prediction d^3 / d_prev^2 stops a gene only after a quadratic full step, from
+    the third step on, with a small decrement resolved above rounding, a small predicted
+    step, and contraction."""
+    from nbfit._solvers._common import LineSearchResult, predicted_converged
+
+    value = np.full(8, -1000.0)
+    decrement = np.full(8, 1e-5)  # 1e-8 relative
+    previous = np.full(8, 1e-1)  # contraction 1e-4: next decrement 1e-13, 1e-16 relative
+    gained = value + 0.5 * decrement
+    gained[1] = value[1] + 0.45 * decrement[1]  # not what the quadratic model said
+    n_steps = np.full(8, 2)
+    n_steps[2] = 1  # second step: the contraction from the start is no guide
+    previous[3] = 1e-4  # contraction 0.1: next decrement 1e-7, far above tol / 100
+    decrement[4], previous[4] = 2e-3, 1e3  # 2e-6 relative: too far out to trust
+    direction = np.full((8, 3), 1e-4)  # the next step: 1e-8
+    direction[5, 1] = 1e-2  # the next step would still move a coefficient by 1e-6
+    accepted = np.ones(8, bool)
+    accepted[6] = False
+
+    def stop(dtype):
+        search = LineSearchResult(jnp.zeros((8, 3), dtype), jnp.asarray(gained, dtype), jnp.asarray(accepted))
+        floats = [jnp.asarray(x, dtype) for x in (decrement, previous, direction)]
+        return np.asarray(predicted_converged(*floats, search, jnp.asarray(value, dtype), 1e-10,
+                                              jnp.asarray(n_steps)))
+
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(stop(jnp.float64), [True, False, False, False, False, False, False, True])
+        # float32 cannot resolve a gain of 5e-9 relative: never predicted.
+        assert not stop(jnp.float32).any()

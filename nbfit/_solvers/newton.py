@@ -11,6 +11,7 @@ from nbfit._solvers._common import (
     finished,
     free_mask,
     line_search,
+    predicted_converged,
     within_cap,
 )
 
@@ -27,7 +28,9 @@ class Newton:
     ----------
     tol : float
         Converged when the Newton decrement ``g^T d`` is below ``tol * max(1, |ll|)``
-        (the step is still taken).
+        (the step is still taken), or once the contraction of the last two decrements
+        predicts the next one below a hundredth of that and a step of at most 1e-7
+        (:func:`~nbfit._solvers._common.predicted_converged`).
     update_loc, update_scale : bool
         Which coefficient groups move.
     """
@@ -37,7 +40,7 @@ class Newton:
     update_scale: bool = True
 
     def init(self, theta, problem):
-        return ()
+        return jnp.full(theta.shape[0], jnp.inf, theta.dtype)  # the previous decrement
 
     def step(self, theta, state, problem, active, n_steps):
         value, grad, hess = _problem.derivatives(theta, problem)
@@ -47,4 +50,5 @@ class Newton:
         search = line_search(_problem.objective, theta, value, direction, decrement, problem, active, first,
                              expand=n_steps >= EXPAND_AFTER)
         done, converged = finished(decrement, search, value, self.tol)
-        return search.theta, state, done, converged
+        predicted = predicted_converged(decrement, state, direction, search, value, self.tol, n_steps)
+        return search.theta, decrement, done | predicted, converged | predicted

@@ -162,31 +162,50 @@ def run_stage(solver, units, max_steps, write):
     units = iter(units)
     unit = next(units, None)
     size = None if unit is None else unit.genes.size
-    while unit is not None or waiting:
+    # Each unit is launched before the results of the one in flight are read: the host
+    # prepares it (and writes results) while the devices compute.
+    in_flight = None
+    while True:
         # A packed unit is at least 2/3 full (each waiting group holds at most 1/3), so
         # it always makes progress.
-        if unit is not None and sum(w.genes.size for w in waiting) < size:
+        waiting_genes = sum(w.genes.size for w in waiting)
+        if unit is not None and waiting_genes < size:
             genes, chunk = unit.genes, unit.chunk
             problem = chunk.problem()
             carry = _start(solver, _devices.put_genes(unit.theta.astype(chunk.counts.dtype)),
                            _devices.put_genes(unit.skip), problem)
             unit = next(units, None)
-        else:
+        elif waiting_genes >= size or (waiting and in_flight is None):
             genes, carry, chunk, waiting = _pack(waiting, size)
             problem = chunk.problem()
-        target = size // PACK_AT // devices * devices
-        if target < MIN_PACK or (unit is None and not waiting):
-            target = 0  # the last unit (or a small one) runs to the end
-        limits = _devices.put_shared(np.array([max_steps, target // devices], np.int32))
-        carry = jax.tree_util.tree_map(np.asarray, _advance(solver, carry, problem, limits))
-        running = _running(carry, max_steps) & (genes >= 0)
-        finished = ~running & (genes >= 0)
-        write(genes[finished], carry.theta[finished], carry.n_steps[finished], carry.converged[finished],
-              carry.done[finished])
-        if running.any():
-            rows = np.flatnonzero(running)
-            waiting.append(_Waiting(genes[rows], jax.tree_util.tree_map(lambda x: x[rows], carry),
-                                    chunk.select(rows)))
+        else:
+            genes = None
+        launched = None
+        if genes is not None:
+            target = size // PACK_AT // devices * devices
+            if target < MIN_PACK or (unit is None and not waiting and in_flight is None):
+                target = 0  # the last unit (or a small one) runs to the end
+            limits = _devices.put_shared(np.array([max_steps, target // devices], np.int32))
+            launched = (genes, _advance(solver, carry, problem, limits), chunk)
+        if in_flight is not None:
+            waiting += _collect(*in_flight, max_steps, write)
+        in_flight = launched
+        if in_flight is None and unit is None and not waiting:
+            return
+
+
+def _collect(genes, carry, chunk, max_steps, write):
+    """Read a launched unit's results: write its finished genes, return its running ones
+    (a list of at most one :class:`_Waiting`)."""
+    carry = jax.tree_util.tree_map(np.asarray, carry)
+    running = _running(carry, max_steps) & (genes >= 0)
+    finished = ~running & (genes >= 0)
+    write(genes[finished], carry.theta[finished], carry.n_steps[finished], carry.converged[finished],
+          carry.done[finished])
+    if not running.any():
+        return []
+    rows = np.flatnonzero(running)
+    return [_Waiting(genes[rows], jax.tree_util.tree_map(lambda x: x[rows], carry), chunk.select(rows))]
 
 
 def _pack(waiting, size):

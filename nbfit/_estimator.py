@@ -224,7 +224,7 @@ class Estimator:
         """Yield (start, stop, padded Chunk) for each gene chunk, in the estimator's dtype."""
         dtype = DTYPES[self.dtype]
         groups = self._scale_groups
-        shared = shared_arrays(self._reduced_loc, self._reduced_scale, groups.rows, self.log_size_factors, dtype)
+        shared = shared_arrays(self._reduced_loc, self._reduced_scale, groups, self.log_size_factors, dtype)
         for index, (start, stop) in enumerate(self._chunks()):
             counts = self.data.gene_chunk(start, stop)
             histogram = self._histogram(index, counts)

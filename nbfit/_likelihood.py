@@ -209,11 +209,12 @@ def _softplus_sigmoid(x):
 def mean_part(eta_mean, eta_scale, y):
     """``-(y + r) log1p(mu / r) + y log mu``: the rest, cheap elementary functions.
 
-    Beyond :data:`LOG_R_CAP` it also holds the continuation ``-(log r - cap)^2 / 2``.
+    r is taken at the cap beyond :data:`LOG_R_CAP` (:func:`cap_continuation` is added
+    separately).
     """
-    log_r, beyond_cap = _capped(eta_scale)
+    log_r, _ = _capped(eta_scale)
     softplus, _, _ = _softplus_sigmoid(eta_mean - log_r)
-    return -(y + jnp.exp(log_r)) * softplus + _y_eta_mean(y, eta_mean) - 0.5 * beyond_cap**2
+    return -(y + jnp.exp(log_r)) * softplus + _y_eta_mean(y, eta_mean)
 
 
 def mean_part_derivatives(eta_mean, eta_scale, y):
@@ -223,8 +224,8 @@ def mean_part_derivatives(eta_mean, eta_scale, y):
     ``d/d eta_mean = y - (y + r) q``, ``d/d eta_scale = (y + r) q - r s``,
     ``d2/d eta_mean2 = -(y + r) q (1 - q)``, ``d2/d eta_mean d eta_scale = (y + r) q (1 - q) - r q``,
     ``d2/d eta_scale2 = 2 r q - r s - (y + r) q (1 - q)``; beyond it the scale derivatives
-    are those of the continuation ``-(log r - cap)^2 / 2``. One ``exp`` of the scale, one
-    ``exp`` and one ``log1p`` per cell: autodiff of ``mean_part`` costs several times more.
+    are 0. One ``exp`` and one ``log1p`` per cell (and one ``exp`` of the scale, per gene
+    where ``eta_scale`` is): autodiff of ``mean_part`` costs several times more.
 
     Returns
     -------
@@ -234,15 +235,26 @@ def mean_part_derivatives(eta_mean, eta_scale, y):
     log_r, beyond_cap = _capped(eta_scale)
     within = 1.0 - jnp.sign(beyond_cap)  # 1 up to the cap, 0 beyond
     r = jnp.exp(log_r)
+    within_r = within * r
     softplus, q, q_one_minus_q = _softplus_sigmoid(eta_mean - log_r)
     y_r = y + r
     curvature = y_r * q_one_minus_q
-    value = -y_r * softplus + _y_eta_mean(y, eta_mean) - 0.5 * beyond_cap**2
+    value = -y_r * softplus + _y_eta_mean(y, eta_mean)
     d_mean = y - y_r * q
-    d_scale = within * (y_r * q - r * softplus) - beyond_cap
-    d_mean_scale = within * (curvature - r * q)
-    d_scale_scale = within * (2.0 * r * q - r * softplus - curvature + 1.0) - 1.0
+    d_scale = within * (y_r * q) - within_r * softplus
+    d_mean_scale = within * curvature - within_r * q
+    d_scale_scale = within_r * (2.0 * q - softplus) - within * curvature
     return value, d_mean, d_scale, -curvature, d_mean_scale, d_scale_scale
+
+
+def cap_continuation(eta_scale):
+    """The continuation ``-(log r - cap)^2 / 2`` of one observation's log-likelihood beyond
+    :data:`LOG_R_CAP`, and its first and second derivatives in ``eta_scale`` (0 below).
+
+    It depends on the scale alone: summed over cells, it is summed per scale group.
+    """
+    _, beyond_cap = _capped(eta_scale)
+    return -0.5 * beyond_cap**2, -beyond_cap, -jnp.sign(beyond_cap)
 
 
 def irls_weights(eta_mean, eta_scale):
@@ -269,11 +281,11 @@ def log_likelihood(eta_mean, eta_scale, y):
     -------
     float
         ``lgamma(y+r) - lgamma(r) + r log(r/(r+mu)) + y log(mu/(r+mu))``
-        ``= count_part(y, eta_scale) + mean_part(eta_mean, eta_scale, y)``.
-        Finite for ``mu -> 0`` with ``y = 0``; tends to the Poisson log-likelihood as
-        ``r -> infinity``.
+        ``= count_part(y, eta_scale) + mean_part(eta_mean, eta_scale, y)`` (plus
+        ``cap_continuation(eta_scale)`` beyond the cap). Finite for ``mu -> 0`` with
+        ``y = 0``; tends to the Poisson log-likelihood as ``r -> infinity``.
     """
-    return count_part(y, eta_scale) + mean_part(eta_mean, eta_scale, y)
+    return count_part(y, eta_scale) + mean_part(eta_mean, eta_scale, y) + cap_continuation(eta_scale)[0]
 
 
 def log_likelihood_constant(y):

@@ -11,7 +11,8 @@ each of its many elementwise intermediates in memory; a tile's stay in the cache
 makes a pass over the matrix about three times faster), the special-function
 ``count_part`` over the flat
 histogram of distinct (count, scale group) pairs of the chunk (:mod:`nbfit._histogram`),
-whose entries are summed per gene. Observation-level derivatives are written out
+whose entries are summed per gene; the continuation beyond the r cap depends on the scale
+group alone and is summed per group. Observation-level derivatives are written out
 (``mean_part_derivatives``, ``count_part_derivatives`` of :mod:`nbfit._likelihood`);
 gene-level gradients and Hessians are assembled from them with the designs
 (``g = X^T w``, ``H = X^T diag(W) X``).
@@ -26,6 +27,7 @@ import numpy as np
 from nbfit import _devices
 from nbfit._histogram import CountHistogram, capacity, device_layout, device_loads, select_genes
 from nbfit._likelihood import (
+    cap_continuation,
     count_part,
     count_part_derivatives,
     irls_weights,
@@ -60,6 +62,8 @@ class Problem(NamedTuple):
         Scale design (already multiplied by its constraint matrix). Shared.
     scale_rows : Array, shape (n_groups, p_scale)
         The distinct rows of ``design_scale``, indexed by ``entry_groups``. Shared.
+    scale_group_sizes : Array, shape (n_groups,)
+        Number of cells with each of those rows. Shared.
     log_size_factors : Array, shape (n_cells,)
         Offset of the location linear predictor. Shared.
     """
@@ -72,11 +76,12 @@ class Problem(NamedTuple):
     design_loc: jax.Array
     design_scale: jax.Array
     scale_rows: jax.Array
+    scale_group_sizes: jax.Array
     log_size_factors: jax.Array
 
 
 #: Which fields of a :class:`Problem` are split over the devices (the rest are shared).
-SPLIT = Problem(True, True, True, True, True, False, False, False, False)
+SPLIT = Problem(True, True, True, True, True, False, False, False, False, False)
 
 #: Cells are padded to whole tiles of this many (measured on 10k cells and 420 genes: 512
 #: is 2.5-4x faster than whole rows; 128 pays for the loop, 2048 leaves the cache).
@@ -93,14 +98,15 @@ def pad_cells(n_cells):
     return -(-n_cells // CELL_TILE) * CELL_TILE
 
 
-def shared_arrays(design_loc, design_scale, scale_rows, log_size_factors, dtype):
+def shared_arrays(design_loc, design_scale, scale_groups, log_size_factors, dtype):
     """The shared fields of a :class:`Problem`, cells padded, replicated on the devices.
 
     Parameters
     ----------
     design_loc : ndarray, shape (n_cells, p_loc)
     design_scale : ndarray, shape (n_cells, p_scale)
-    scale_rows : ndarray, shape (n_groups, p_scale)
+    scale_groups : nbfit._design.DesignGroups
+        The distinct rows of ``design_scale``.
     log_size_factors : ndarray, shape (n_cells,)
     dtype : numpy dtype
     """
@@ -108,7 +114,8 @@ def shared_arrays(design_loc, design_scale, scale_rows, log_size_factors, dtype)
     arrays = dict(
         design_loc=np.pad(design_loc, ((0, pad), (0, 0))),
         design_scale=np.pad(design_scale, ((0, pad), (0, 0))),
-        scale_rows=scale_rows,
+        scale_rows=scale_groups.rows,
+        scale_group_sizes=np.bincount(scale_groups.inverse, minlength=scale_groups.rows.shape[0]),
         log_size_factors=np.pad(log_size_factors, (0, pad), constant_values=-np.inf),
     )
     return {name: _devices.put_shared(value.astype(dtype)) for name, value in arrays.items()}
@@ -182,12 +189,18 @@ def split(theta, problem):
 def _cell_sums(theta, problem, terms, combine=jnp.add, per_cell=()):
     """Sum over cell tiles of ``terms(eta_mean, eta_scale, y, x_loc, x_scale, *per_cell)``.
 
-    ``terms`` gets one tile: linear predictors and counts of shape (n_genes, tile), design
-    rows (tile, p_loc) and (tile, p_scale) and the tile's rows of each ``per_cell`` array
-    (n_cells, ...); it returns a pytree of per-gene arrays, combined over tiles with
-    ``combine`` (a function, or a pytree of functions matching the output).
+    ``terms`` gets one tile: the location linear predictor and counts of shape (n_genes,
+    tile), the scale linear predictor of shape (n_genes, tile) or, where every cell has
+    the same scale row, (n_genes, 1), design rows (tile, p_loc) and (tile, p_scale) and the
+    tile's rows of each ``per_cell`` array (n_cells, ...); it returns a pytree of per-gene
+    arrays, combined over tiles with ``combine`` (a function, or a pytree of functions
+    matching the output).
     """
     a, b = split(theta, problem)
+    # One scale row (the usual dispersion ~1): r is per gene, not per cell. Padding cells
+    # (count 0, mean 0) then see the gene's r instead of 1, which changes none of their
+    # terms (all 0).
+    shared_scale = b @ problem.scale_rows.T if problem.scale_rows.shape[0] == 1 else None
     n_genes, n_cells = problem.counts.shape
     tile = min(CELL_TILE, n_cells)
     if n_cells > CELL_TILE:  # whole tiles of CELL_TILE: halving keeps them whole
@@ -200,7 +213,8 @@ def _cell_sums(theta, problem, terms, combine=jnp.add, per_cell=()):
 
         x_loc, x_scale = cells(problem.design_loc), cells(problem.design_scale)
         eta_mean = a @ x_loc.T + cells(problem.log_size_factors)
-        return terms(eta_mean, b @ x_scale.T, cells(problem.counts, 1), x_loc, x_scale, *map(cells, per_cell))
+        eta_scale = b @ x_scale.T if shared_scale is None else shared_scale
+        return terms(eta_mean, eta_scale, cells(problem.counts, 1), x_loc, x_scale, *map(cells, per_cell))
 
     first = one(0)
     if n_cells == tile:
@@ -253,10 +267,19 @@ def per_gene(values, problem):
                                indices_are_sorted=True)
 
 
+def _group_continuation(theta, problem):
+    """:func:`~nbfit._likelihood.cap_continuation` of each (gene, scale group) times the
+    group's number of cells: value, first and second derivative, each (n_genes, n_groups)."""
+    _, b = split(theta, problem)
+    return tuple(part * problem.scale_group_sizes for part in cap_continuation(b @ problem.scale_rows.T))
+
+
 def _count_value(theta, problem):
-    """``count_part`` summed over each gene's histogram entries, shape (n_genes,)."""
+    """``count_part`` summed over each gene's histogram entries, with the continuation
+    beyond the cap; shape (n_genes,)."""
     entries = count_part(problem.entry_values, _entry_eta_scale(theta, problem))
-    return per_gene(problem.entry_weights * entries, problem)
+    continuation, _, _ = _group_continuation(theta, problem)
+    return per_gene(problem.entry_weights * entries, problem) + jnp.sum(continuation, axis=1)
 
 
 def objective(theta, problem):
@@ -279,7 +302,8 @@ def weighted_gram(weights, left, right):
 
 
 def _count_derivatives(theta, problem, constant=False):
-    """``count_part`` summed over each gene's entries, and its derivatives per scale group.
+    """``count_part`` summed over each gene's entries, and its derivatives per scale group,
+    with the continuation beyond the cap (which, too, depends on the scale group only).
 
     With ``constant`` the value includes ``-lgamma(y + 1)``, added entry by entry: for high
     counts both sum to ~1e5 and cancel to ~|ll|, which float32 resolves only if they
@@ -301,7 +325,9 @@ def _count_derivatives(theta, problem, constant=False):
     value, grad, hess = count_part_derivatives(y, eta)
     if constant:
         value = value + log_likelihood_constant(y)
-    return per_gene(w * value, problem), per_group(grad), per_group(hess)
+    beyond, beyond_grad, beyond_hess = _group_continuation(theta, problem)
+    return (per_gene(w * value, problem) + jnp.sum(beyond, axis=1), per_group(grad) + beyond_grad,
+            per_group(hess) + beyond_hess)
 
 
 def value_and_gradient(theta, problem):

@@ -243,20 +243,20 @@ def _chunk_problem(counts, design_loc, design_scale, log_sf):
     """Problem of the genes ``counts`` (n_genes, n_cells) on the devices."""
     groups = DesignGroups(design_scale)
     histogram = count_histogram(counts, groups.inverse, len(groups.rows))
-    shared = _problem.shared_arrays(design_loc, design_scale, groups.rows, log_sf, np.float64)
+    shared = _problem.shared_arrays(design_loc, design_scale, groups, log_sf, np.float64)
     return _problem.Chunk(counts, histogram, shared, capacity(histogram.genes.size)).problem()
 
 
-def _small_problem(seed=0, n_cells=N_CELLS_SMALL):
-    """One gene, design_loc = 1 + binary + numeric, design_scale = 1 + binary."""
+def _small_problem(seed=0, n_cells=N_CELLS_SMALL, one_scale=False):
+    """One gene, design_loc = 1 + binary + numeric, design_scale = 1 + binary (or 1)."""
     rng = np.random.default_rng(seed)
     binary = (np.arange(n_cells) % 2).astype(np.float64)
     numeric = rng.normal(size=n_cells)
     design_loc = np.column_stack([np.ones(n_cells), binary, numeric])
-    design_scale = np.column_stack([np.ones(n_cells), binary])
+    design_scale = np.ones((n_cells, 1)) if one_scale else np.column_stack([np.ones(n_cells), binary])
     log_sf = rng.normal(0.0, 0.3, n_cells)
     mu = np.exp(design_loc @ np.array([1.5, -0.7, 0.4]) + log_sf)
-    r = np.exp(design_scale @ np.array([1.0, 1.5]))
+    r = np.exp(design_scale @ np.array([1.0, 1.5][:design_scale.shape[1]]))
     counts = rng.negative_binomial(r, r / (r + mu)).astype(np.float64)
     problem = _chunk_problem(counts[None, :], design_loc, design_scale, log_sf)
     return problem, design_loc, design_scale, log_sf, counts
@@ -318,6 +318,27 @@ def test_derivatives_match_finite_differences(theta, n_cells):
     fd_hess = _richardson(_central_hessian, f, theta, FD_HESS_STEP)
     np.testing.assert_array_equal(hess, hess.T)
     assert np.max(_relative_error(hess, fd_hess)) < FD_HESS_RTOL, (hess, fd_hess)
+
+
+@pytest.mark.parametrize("log_r", [1.5, LOG_R_CAP + 1.0])
+def test_one_scale_row_matches_the_cell_sum_and_finite_differences(log_r):
+    """Dispersion ~1: r is taken per gene in the cell sums, so padding cells see the
+    gene's r, and the continuation beyond the cap is summed per scale group. The value is
+    the per-observation log-likelihood summed over the real cells only; gradient and
+    Hessian match finite differences, below the cap and beyond it."""
+    problem, design_loc, _, log_sf, counts = _small_problem(n_cells=N_CELLS_TILED, one_scale=True)
+    assert problem.scale_rows.shape[0] == 1 and problem.counts.shape[1] > N_CELLS_TILED  # padded
+    theta = np.array([1.5, -0.7, 0.4, log_r])
+    cells = _likelihood.log_likelihood(jnp.asarray(design_loc @ theta[:3] + log_sf),
+                                       jnp.full(N_CELLS_TILED, log_r), jnp.asarray(counts))
+    value, grad, hess = (np.asarray(x) for x in _derivatives(jnp.asarray(theta), problem))
+    assert float(value) == pytest.approx(float(jnp.sum(cells)), rel=1e-13)
+
+    def f(t):
+        return float(_objective(jnp.asarray(t), problem))
+
+    assert np.max(_relative_error(grad, _richardson(_central_gradient, f, theta, FD_GRAD_STEP))) < FD_GRAD_RTOL
+    assert np.max(_relative_error(hess, _richardson(_central_hessian, f, theta, FD_HESS_STEP))) < FD_HESS_RTOL
 
 
 # --------------------------------------------------------------------------- 4. Fisher

@@ -40,6 +40,10 @@ GAIN_TOL = 1e-13
 #: is accepted unless it loses more than the noise, and is never extrapolated (else
 #: rounding would pick the step).
 NOISE_EPS = 1e3
+#: ... but only if it moves no coefficient by more than this: where rounding swamps the
+#: log-likelihood (float32 with counts of millions), the gradient and Hessian are noise
+#: too, and accepting their long steps on noise would let the fit drift without bound.
+NOISE_STEP = 1e-2
 #: A gene whose line search finds no ascent is converged if its Newton decrement is
 #: below this fraction of max(1, |ll|): the optimum is then reached to rounding error.
 STALL_TOL = 1e-8
@@ -307,12 +311,13 @@ def line_search(objective, theta, value, direction, slope, problem, active, firs
     """
     noise = noise_level(value)
     may_expand = active & (slope > noise) & expand
+    length = jnp.max(jnp.abs(direction), axis=1)
 
     def trial(carry):
         t, phase, halvings, expansions, best_t, best_v = carry
         v = objective(theta + t[:, None] * direction, problem)
         sufficient = v >= value + ARMIJO * t * slope
-        within_noise = (slope <= noise) & (v >= value - noise)
+        within_noise = (slope <= noise) & (v >= value - noise) & (t * length <= NOISE_STEP)
         backtracking, expanding = phase == _BACKTRACK, phase == _EXPAND
         accepted = backtracking & jnp.isfinite(v) & (sufficient | within_noise)
         rejected = backtracking & ~accepted

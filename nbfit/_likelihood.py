@@ -191,19 +191,19 @@ def count_part_derivatives(y, eta_scale):
     return lgamma_ratio(y, log_r), first, second
 
 
-def _softplus_sigmoid(x):
-    """``log1p(exp(x))``, ``q = 1 / (1 + exp(-x))`` and ``q (1 - q)`` from one ``exp``.
+def _mean_ratio_terms(eta_mean, r):
+    """``log1p(mu / r)``, ``q = mu / (mu + r)`` and ``q (1 - q)``, from one ``exp`` of
+    ``eta_mean`` (shape of the cells) and ``r`` (per gene where it can be).
 
-    No overflow and no cancellation (``q (1 - q) = e / (1 + e)^2``, e = exp(-|x|)); several
-    times cheaper on the CPU than ``jax.nn.softplus``, whose ``logaddexp`` handles
-    infinities the linear predictors never hold.
+    No cancellation: each is a product or quotient of positive terms, or a ``log1p``.
+    ``mu`` is capped below the largest float (``mu = 0`` for ``eta_mean = -inf``), so
+    nothing overflows short of ``mu / r`` itself. Measured on the CPU, a fifth cheaper in
+    the Newton derivatives than the symmetric form in ``exp(-|eta_mean - log r|)``.
     """
-    e = jnp.exp(-jnp.abs(x))
-    inverse = 1.0 / (1.0 + e)
-    e_inverse = e * inverse
-    positive = 0.5 + 0.5 * jnp.sign(x)  # q = inverse for x > 0, e_inverse below, 1/2 at 0
-    q = e_inverse + positive * (inverse - e_inverse)
-    return jnp.maximum(x, 0.0) + jnp.log1p(e), q, e_inverse * inverse
+    mu = jnp.exp(jnp.minimum(eta_mean, math.log(jnp.finfo(jnp.result_type(eta_mean)).max) - 2.0))
+    total = mu + r
+    q = mu / total
+    return jnp.log1p(mu / r), q, q * r / total
 
 
 def mean_part(eta_mean, eta_scale, y):
@@ -213,8 +213,9 @@ def mean_part(eta_mean, eta_scale, y):
     separately).
     """
     log_r, _ = _capped(eta_scale)
-    softplus, _, _ = _softplus_sigmoid(eta_mean - log_r)
-    return -(y + jnp.exp(log_r)) * softplus + _y_eta_mean(y, eta_mean)
+    r = jnp.exp(log_r)
+    softplus, _, _ = _mean_ratio_terms(eta_mean, r)
+    return -(y + r) * softplus + _y_eta_mean(y, eta_mean)
 
 
 def mean_part_derivatives(eta_mean, eta_scale, y):
@@ -236,7 +237,7 @@ def mean_part_derivatives(eta_mean, eta_scale, y):
     within = 1.0 - jnp.sign(beyond_cap)  # 1 up to the cap, 0 beyond
     r = jnp.exp(log_r)
     within_r = within * r
-    softplus, q, q_one_minus_q = _softplus_sigmoid(eta_mean - log_r)
+    softplus, q, q_one_minus_q = _mean_ratio_terms(eta_mean, r)
     y_r = y + r
     curvature = y_r * q_one_minus_q
     value = -y_r * softplus + _y_eta_mean(y, eta_mean)
@@ -260,7 +261,8 @@ def cap_continuation(eta_scale):
 def irls_weights(eta_mean, eta_scale):
     """IRLS weights ``mu r / (mu + r) = r q``, the expected information of ``eta_mean``."""
     log_r, _ = _capped(eta_scale)
-    return jnp.exp(log_r) * _softplus_sigmoid(eta_mean - log_r)[1]
+    r = jnp.exp(log_r)
+    return r * _mean_ratio_terms(eta_mean, r)[1]
 
 
 def log_likelihood(eta_mean, eta_scale, y):

@@ -15,7 +15,10 @@ SINGULAR_RCOND = 1e-12
 class Status(enum.Enum):
     """What happened to a gene; the value is the explanation shown to users."""
 
-    converged = "reached the optimum: the Newton decrement fell below the tolerance"
+    converged = (
+        "reached the optimum: the Newton decrement fell (or was predicted to fall) below the "
+        "tolerance"
+    )
     max_steps = "stopped at max_steps before the convergence test passed"
     stalled = (
         "no ascent step could be found before the convergence test passed (the remaining "

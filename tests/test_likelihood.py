@@ -337,8 +337,10 @@ def test_one_scale_row_matches_the_cell_sum_and_finite_differences(log_r):
     def f(t):
         return float(_objective(jnp.asarray(t), problem))
 
-    assert np.max(_relative_error(grad, _richardson(_central_gradient, f, theta, FD_GRAD_STEP))) < FD_GRAD_RTOL
-    assert np.max(_relative_error(hess, _richardson(_central_hessian, f, theta, FD_HESS_STEP))) < FD_HESS_RTOL
+    fd_grad = _richardson(_central_gradient, f, theta, FD_GRAD_STEP)
+    assert np.max(_relative_error(grad, fd_grad)) < FD_GRAD_RTOL
+    fd_hess = _richardson(_central_hessian, f, theta, FD_HESS_STEP)
+    assert np.max(_relative_error(hess, fd_hess)) < FD_HESS_RTOL
 
 
 # --------------------------------------------------------------------------- 4. Fisher
@@ -614,12 +616,14 @@ def test_newton_stops_once_the_next_step_is_predicted_negligible():
     accepted[6] = False
 
     def stop(dtype):
-        search = LineSearchResult(jnp.zeros((8, 3), dtype), jnp.asarray(gained, dtype), jnp.asarray(accepted))
+        search = LineSearchResult(jnp.zeros((8, 3), dtype), jnp.asarray(gained, dtype),
+                                  jnp.asarray(accepted))
         floats = [jnp.asarray(x, dtype) for x in (decrement, previous, direction)]
         return np.asarray(predicted_converged(*floats, search, jnp.asarray(value, dtype), 1e-10,
                                               jnp.asarray(n_steps)))
 
     with jax.enable_x64(True):
-        np.testing.assert_array_equal(stop(jnp.float64), [True, False, False, False, False, False, False, True])
+        expected = [True, False, False, False, False, False, False, True]
+        np.testing.assert_array_equal(stop(jnp.float64), expected)
         # float32 cannot resolve a gain of 5e-9 relative: never predicted.
         assert not stop(jnp.float32).any()

@@ -186,6 +186,12 @@ def split(theta, problem):
     return theta[:, :p_loc], theta[:, p_loc:]
 
 
+def _group_eta_scale(theta, problem):
+    """``log r`` of each (gene, scale group), shape (n_genes, n_groups)."""
+    _, b = split(theta, problem)
+    return b @ problem.scale_rows.T
+
+
 def _cell_sums(theta, problem, terms, combine=jnp.add, per_cell=()):
     """Sum over cell tiles of ``terms(eta_mean, eta_scale, y, x_loc, x_scale, *per_cell)``.
 
@@ -200,7 +206,7 @@ def _cell_sums(theta, problem, terms, combine=jnp.add, per_cell=()):
     # One scale row (the usual dispersion ~1): r is per gene, not per cell. Padding cells
     # (count 0, mean 0) then see the gene's r instead of 1, which changes none of their
     # terms (all 0).
-    shared_scale = b @ problem.scale_rows.T if problem.scale_rows.shape[0] == 1 else None
+    shared_scale = _group_eta_scale(theta, problem) if problem.scale_rows.shape[0] == 1 else None
     n_genes, n_cells = problem.counts.shape
     tile = min(CELL_TILE, n_cells)
     if n_cells > CELL_TILE:  # whole tiles of CELL_TILE: halving keeps them whole
@@ -257,8 +263,7 @@ def diagnostics(theta, problem, scale_groups):
 
 def _entry_eta_scale(theta, problem):
     """``log r`` of each histogram entry, shape (n_entries,)."""
-    _, b = split(theta, problem)
-    return (b @ problem.scale_rows.T)[problem.entry_genes, problem.entry_groups]
+    return _group_eta_scale(theta, problem)[problem.entry_genes, problem.entry_groups]
 
 
 def per_gene(values, problem):
@@ -270,8 +275,8 @@ def per_gene(values, problem):
 def _group_continuation(theta, problem):
     """:func:`~nbfit._likelihood.cap_continuation` of each (gene, scale group) times the
     group's number of cells: value, first and second derivative, each (n_genes, n_groups)."""
-    _, b = split(theta, problem)
-    return tuple(part * problem.scale_group_sizes for part in cap_continuation(b @ problem.scale_rows.T))
+    parts = cap_continuation(_group_eta_scale(theta, problem))
+    return tuple(part * problem.scale_group_sizes for part in parts)
 
 
 def _count_value(theta, problem):
